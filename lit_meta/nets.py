@@ -1,0 +1,105 @@
+"""Networks used by the few-shot learners, and the check that a module can be batched over tasks.
+
+Any ``nn.Module`` works with the learners as long as it keeps no running statistics (they are
+evaluated with ``torch.func.functional_call`` under ``vmap``, one set of weights per task).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+def _norm(kind: str, channels: int) -> nn.Module:
+    if kind == "batch":
+        # No running statistics: every task normalises with its own batch statistics (as MAML/iMAML do).
+        return nn.BatchNorm2d(channels, track_running_stats=False)
+    if kind == "group":
+        return nn.GroupNorm(min(32, channels), channels)
+    if kind == "none":
+        return nn.Identity()
+    raise ValueError(f"norm={kind!r} is not one of 'batch', 'group', 'none'")
+
+
+class Conv4(nn.Module):
+    """The 4-block convolutional network of MAML/iMAML (Finn et al. 2017; Rajeswaran et al. 2019).
+
+    Each block: conv 3x3 (``hidden`` channels) -> norm -> ReLU -> downsample, where ``pool="stride"``
+    uses a stride-2 convolution (MAML's Omniglot net) and ``pool="max"`` a 2x2 max-pool (its
+    Mini-ImageNet net). Features are averaged over the remaining spatial positions, then a linear head.
+
+    Args:
+        out_features: number of classes (``n_way``). Default 5.
+        in_channels: image channels (1 for Omniglot, 3 for Mini-ImageNet). Default 1.
+        hidden: channels of every conv block. Default 64.
+        pool: ``"stride"`` or ``"max"``. Default ``"stride"``.
+        norm: ``"batch"`` (no running statistics), ``"group"`` or ``"none"``. Default ``"batch"``.
+    """
+
+    def __init__(
+        self,
+        out_features: int = 5,
+        in_channels: int = 1,
+        hidden: int = 64,
+        pool: Literal["stride", "max"] = "stride",
+        norm: Literal["batch", "group", "none"] = "batch",
+    ) -> None:
+        super().__init__()
+        if pool not in ("stride", "max"):
+            raise ValueError(f"pool={pool!r} is not one of 'stride', 'max'")
+        for name, value in (("out_features", out_features), ("in_channels", in_channels), ("hidden", hidden)):
+            if value < 1:
+                raise ValueError(f"{name}={value} must be >= 1")
+        blocks = []
+        for i in range(4):
+            c_in = in_channels if i == 0 else hidden
+            stride = 2 if pool == "stride" else 1
+            layers = [nn.Conv2d(c_in, hidden, 3, stride=stride, padding=1), _norm(norm, hidden), nn.ReLU()]
+            if pool == "max":
+                layers.append(nn.MaxPool2d(2, ceil_mode=True))
+            blocks.append(nn.Sequential(*layers))
+        self.features = nn.Sequential(*blocks)
+        self.head = nn.Linear(hidden, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(x).mean(dim=(-2, -1)))
+
+
+class MLP(nn.Module):
+    """A ReLU multilayer perceptron (MAML's sinusoid net is ``MLP(1, 1, hidden=(40, 40))``).
+
+    Args:
+        in_features: input size. Default 1.
+        out_features: output size. Default 1.
+        hidden: sizes of the hidden layers. Default (40, 40).
+    """
+
+    def __init__(self, in_features: int = 1, out_features: int = 1, hidden: tuple[int, ...] = (40, 40)) -> None:
+        super().__init__()
+        sizes = [in_features, *hidden, out_features]
+        if min(sizes) < 1:
+            raise ValueError(f"layer sizes {sizes} must all be >= 1")
+        layers: list[nn.Module] = []
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers += [nn.Linear(a, b), nn.ReLU()]
+        self.layers = nn.Sequential(*layers[:-1])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def check_functional(net: nn.Module) -> None:
+    """Raise ``ValueError`` if ``net`` cannot be run with one set of weights per task.
+
+    Modules that update buffers in ``forward`` (BatchNorm with running statistics) would mix tasks
+    and cannot run under ``vmap``.
+    """
+    for name, module in net.named_modules():
+        if isinstance(module, nn.modules.batchnorm._NormBase) and module.track_running_stats:
+            raise ValueError(
+                f"{type(module).__name__} at '{name or '<root>'}' keeps running statistics, which would mix "
+                f"tasks and cannot be batched over tasks. Construct it with track_running_stats=False "
+                f"(or use GroupNorm/LayerNorm)."
+            )
