@@ -28,7 +28,9 @@ FULL = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
         "images_evaluation.zip": "6b91aef0f799c5bb55b94e3f2daec811"}
 MINIMAL = {"images_background_small1.zip": "e704a628b5459e08445c13499850abc4",
            "images_background_small2.zip": "b75a71a51d3b13f821f212756fe481fd"}
-STANDARD_SPLIT = (1200, 100, 423)  # characters of full Omniglot: train / val / test (MAML, iMAML)
+# Characters of full Omniglot (1623): MAML/iMAML meta-train on 1200 and meta-test on 423; 100 of
+# the 1200 are held out for validation (as in "How to train your MAML"): 1100 / 100 / 423.
+STANDARD_SPLIT = (1100, 100, 423)
 CACHE_VERSION = 1
 
 
@@ -112,7 +114,8 @@ def split_indices(meta: dict, split: str, split_sizes: tuple[int, int, int] | No
     """Character indices of train/val/test.
 
     ``split="characters"``: a seeded permutation of characters cut into ``split_sizes`` characters
-    (default: 1200/100/423 on full Omniglot, the same proportions on other data).
+    (default: 1100/100/423 on full Omniglot, i.e. the standard 1200 meta-train characters with
+    100 of them held out for validation, and the same proportions on other data).
     ``split="alphabets"``: whole alphabets per split, so meta-test alphabets are never seen in
     meta-training. ``split_sizes`` counts alphabets; default: on full Omniglot the 20 evaluation
     alphabets are test and 5 seeded background alphabets val; otherwise 1 val and 2 test alphabets
@@ -230,8 +233,9 @@ class OmniglotDataModule(ClassImageDataModule):
         self.set_split_images({s: with_rotations(meta["images"][idx], self.rotations) for s, idx in indices.items()})
 
     def _missing_message(self) -> str:
-        wanted = {"auto": FULL | MINIMAL, "full": FULL, "minimal": MINIMAL}[self.variant]
-        return (f"Omniglot ({self.variant}) not found in {self.data_dir}. Put "
-                f"{' + '.join(list(FULL))} (full) or {' + '.join(list(MINIMAL))} (minimal) there, from "
-                f"{URL} (the dataset authors' GitHub, folder python/), set data_dir to the folder that holds "
-                f"them, or set download=True with a network. Expected one of: {sorted(wanted)}")
+        full, minimal = " + ".join(FULL), " + ".join(MINIMAL)
+        wanted = {"auto": f"{full} (full) or {minimal} (minimal)", "full": full, "minimal": minimal}[self.variant]
+        fix = "" if self.variant == "minimal" else ", or set download=True on a machine with a network"
+        return (f"Omniglot (variant={self.variant!r}) not found in {self.data_dir}. Put {wanted} there "
+                f"(from {URL}, the dataset authors' GitHub, folder python/), set data_dir to the folder that "
+                f"holds them{fix}")

@@ -48,6 +48,7 @@ class EpisodicLearner(L.LightningModule):
             {f"{stage}_{name}": MeanMetric() for stage in STAGES for name in ("query_loss", "query_acc")}
         )
         self._n_way: int | None = None
+        self._outputs_checked = False
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -72,7 +73,6 @@ class EpisodicLearner(L.LightningModule):
     def score(self, phi: TaskParams, episode: Episode, stage: str) -> Tensor:
         """Query loss of the adapted weights (mean over tasks); logs loss and accuracy for ``stage``."""
         logits = task_logits(self.net, phi, episode.query_x)
-        self._check_outputs(logits, episode)
         loss_fn = loss_for(episode.query_y)
         loss = loss_fn(logits.flatten(0, 1), episode.query_y.flatten(0, 1))
         self._log_metric(stage, "query_loss", loss.detach(), episode.n_tasks)
@@ -82,6 +82,7 @@ class EpisodicLearner(L.LightningModule):
         return loss
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        self._check_outputs(batch)
         return self.score(self.adapt(batch), batch, "train")
 
     def validation_step(self, batch: Episode, batch_idx: int) -> Tensor:
@@ -96,6 +97,7 @@ class EpisodicLearner(L.LightningModule):
         # the batch out of inference mode.
         with torch.inference_mode(False), torch.enable_grad():
             episode = Episode(*(t.clone() for t in batch))
+            self._check_outputs(episode)
             return self.score(self.adapt(episode), episode, stage).detach()
 
     def _log_metric(self, stage: str, name: str, value: Tensor, n_tasks: int) -> None:
@@ -104,12 +106,17 @@ class EpisodicLearner(L.LightningModule):
         self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True,
                  prog_bar=name == "query_acc", batch_size=n_tasks)
 
-    def _check_outputs(self, logits: Tensor, episode: Episode) -> None:
-        if self._n_way is not None and not episode.query_y.is_floating_point() and logits.shape[-1] != self._n_way:
+    def _check_outputs(self, episode: Episode) -> None:
+        """Once per run: the network's output size must equal the data's n_way (one small forward)."""
+        if self._outputs_checked or self._n_way is None or episode.support_y.is_floating_point():
+            return
+        outputs = self.net(episode.support_x[0]).shape[-1]
+        if outputs != self._n_way:
             raise ValueError(
-                f"the network outputs {logits.shape[-1]} classes but the episodes are {self._n_way}-way; "
-                f"set the net's output size to n_way (e.g. model.init_args.net.init_args.out_features: {self._n_way})"
+                f"the network outputs {outputs} classes but the episodes are {self._n_way}-way; set the net's "
+                f"output size to n_way (e.g. model.init_args.net.init_args.out_features: {self._n_way})"
             )
+        self._outputs_checked = True
 
 
 class FineTune(EpisodicLearner):
@@ -125,7 +132,8 @@ class FineTune(EpisodicLearner):
         return None  # nothing is meta-trained
 
     def on_fit_start(self) -> None:
-        if self.trainer.max_steps != -1:
+        trainer = self.trainer
+        if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
             raise ValueError(
                 f"trainer.max_steps={self.trainer.max_steps} never ends a FineTune run: max_steps counts optimizer "
                 f"steps and FineTune takes none. Bound the run with trainer.max_epochs (and the data's "

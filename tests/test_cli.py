@@ -1,0 +1,84 @@
+"""train.py's LightningCLI: every config runs, subcommands, user classes by import path, seeding."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from lit_meta.cli import main
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "configs").glob("*.yaml"))
+
+
+@pytest.fixture(autouse=True)
+def _in_tmp(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # logs and saved configs land here
+    monkeypatch.delenv("PL_GLOBAL_SEED", raising=False)  # seed_everything sets it; restore it afterwards
+
+
+def test_there_are_configs():
+    assert len(CONFIGS) >= 2
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
+def test_every_config_runs_fast_dev_run(config):
+    cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1"])
+    assert cli.trainer.state.finished
+    assert any(k.startswith("train/query_loss") for k in cli.trainer.callback_metrics)
+
+
+@pytest.mark.parametrize("subcommand", ["validate", "test"])
+def test_validate_and_test_subcommands(subcommand):
+    cli = main([subcommand, "--config", str(REPO / "configs" / "baseline_sinusoid.yaml"), "--trainer.fast_dev_run", "1"])
+    stage = "val" if subcommand == "validate" else "test"
+    assert f"{stage}/query_loss" in cli.trainer.callback_metrics
+
+
+def test_print_config(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(REPO / "configs" / "baseline_omniglot.yaml"), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    printed = capsys.readouterr().out
+    assert "class_path: lit_meta.FineTune" in printed and "lit_meta.datamodules.OmniglotDataModule" in printed
+    assert "seed_everything: 0" in printed
+
+
+def test_a_users_own_module_by_import_path(tmp_path, monkeypatch):
+    (tmp_path / "my_project.py").write_text(
+        "from lit_meta import FineTune\n\n"
+        "class MyLearner(FineTune):\n"
+        "    \"\"\"A user's subclass.\"\"\"\n"
+        "    def __init__(self, scale: float = 2.0, **kwargs):\n"
+        "        super().__init__(**kwargs)\n"
+        "        self.scale = scale\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cli = main(["fit", "--config", str(REPO / "configs" / "baseline_sinusoid.yaml"), "--trainer.fast_dev_run", "1",
+                "--model", "my_project.MyLearner", "--model.scale", "3.0",
+                "--model.net", "lit_meta.MLP"])
+    assert type(cli.model).__name__ == "MyLearner" and cli.model.scale == 3.0
+    sys.modules.pop("my_project", None)
+
+
+def _train_losses(seed: int) -> list[float]:
+    cli = main(["--config", str(REPO / "configs" / "baseline_sinusoid.yaml"), "--seed_everything", str(seed),
+                "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
+                "--trainer.enable_checkpointing", "false", "--model.init_args.net.init_args.hidden", "[8]"],
+               run=False)
+    losses = []
+    original = cli.model.score
+
+    def score(phi, episode, stage):
+        loss = original(phi, episode, stage)
+        losses.append(loss.item())
+        return loss
+
+    cli.model.score = score
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return losses
+
+
+def test_same_config_and_seed_give_same_episodes_and_losses():
+    a, b, c = _train_losses(0), _train_losses(0), _train_losses(1)
+    assert len(a) == 3 and a == b and a != c
