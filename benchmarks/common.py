@@ -1,0 +1,22 @@
+"""What every benchmark records beside its figures: machine, versions, date."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+
+import torch
+
+
+def machine_line() -> str:
+    import lightning
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return (f"{datetime.date.today()} | {cpu} | {os.cpu_count()} cores | python {platform.python_version()} | "
+            f"torch {torch.__version__} | lightning {lightning.__version__} | torch threads {torch.get_num_threads()}")

@@ -1,0 +1,16 @@
+"""The README's two set-up commands are exactly what CI runs."""
+
+import re
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_readme_commands_are_what_ci_runs():
+    readme = (REPO / "README.md").read_text()
+    setup = readme.split("## Set-up: two commands", 1)[1].split("\n## ", 1)[0]
+    commands = re.findall(r"```bash\n(.*?)\n```", setup, flags=re.S)
+    assert len(commands) == 2, commands
+    ci_lines = (REPO / ".ci" / "run").read_text().splitlines()
+    for command in commands:
+        assert command.strip() in ci_lines, f"README command not run verbatim by .ci/run: {command}"
