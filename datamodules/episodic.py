@@ -75,8 +75,10 @@ class EpisodicDataModule(L.LightningDataModule):
 
     def _loader(self, split: str) -> DataLoader:
         dataset = self.dataset(split)
+        # Pinned host memory makes the uint8 -> GPU copy asynchronous; only worth it when a GPU trains.
+        on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
         return DataLoader(dataset, batch_size=None, sampler=EpisodeSampler(len(dataset), fixed=split != "train"),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0)
+                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=on_cuda)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

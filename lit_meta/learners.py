@@ -52,7 +52,7 @@ class EpisodicLearner(L.LightningModule):
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        datamodule = getattr(self.trainer, "datamodule", None)
         self._n_way = getattr(datamodule, "n_way", None)
 
     def on_after_batch_transfer(self, batch: Episode, dataloader_idx: int) -> Episode:
