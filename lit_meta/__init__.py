@@ -5,8 +5,8 @@ Public API: the LightningModules, the networks and the batch type. DataModules l
 """
 
 from .episode import Episode
-from .learners import EpisodicLearner, FineTune
+from .learners import IMAML, MAML, EpisodicLearner, FineTune, MetaLearner, Reptile
 from .nets import MLP, Conv4, check_functional
 
-__all__ = ["Episode", "EpisodicLearner", "FineTune", "Conv4", "MLP", "check_functional"]
+__all__ = ["Episode", "EpisodicLearner", "MetaLearner", "FineTune", "IMAML", "MAML", "Reptile", "Conv4", "MLP", "check_functional"]
 __version__ = "0.1.0"

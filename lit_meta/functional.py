@@ -3,20 +3,29 @@
 No Lightning, no state: every function takes the network (only for its architecture), a dict of
 parameters and tensors, and returns tensors. ``Params`` without a task dimension are shared by all
 tasks (meta-parameters theta); ``TaskParams`` carry a leading dimension ``T``, one set per task.
+
+iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
+  1. :func:`inner_solve`       phi_i = argmin_phi L_i^tr(phi) + lam/2 ||phi - theta||^2          (Eq. 4)
+  2. :func:`implicit_meta_grad` solve (I + H_i/lam) g_i = grad L_i^test(phi_i) by :func:`cg`     (Eq. 6-7)
+     with Hessian-vector products :func:`hvp` (forward-over-reverse: ``jvp`` of ``grad``)
+  3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
+MAML's differentiable unroll is :func:`maml_unroll`.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, Literal
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 Params = dict[str, Tensor]
 TaskParams = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
+InnerSolver = Literal["gd", "adam", "hessian_free"]
 
 
 def loss_for(target: Tensor) -> LossFn:
@@ -30,7 +39,7 @@ def params_of(net: nn.Module) -> Params:
 
 
 def expand_to_tasks(params: Params, n_tasks: int) -> TaskParams:
-    """One independent copy of ``params`` per task: ``[*shape] -> [T, *shape]``."""
+    """One independent copy of ``params`` per task: ``[*shape] -> [T, *shape]`` (detached)."""
     return {k: v.detach().unsqueeze(0).expand(n_tasks, *v.shape).clone() for k, v in params.items()}
 
 
@@ -44,30 +53,195 @@ def task_logits(net: nn.Module, params: TaskParams, x: Tensor) -> Tensor:
     return vmap(lambda p, xb: functional_call(net, p, (xb,)))(params, x)
 
 
-def inner_gd(
+def task_losses(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> Tensor:
+    """Per-task losses ``[T]`` of per-task params ``[T, ...]`` on x ``[T, B, ...]``, y ``[T, B, ...]``."""
+    return vmap(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb))(params, x, y)
+
+
+def task_grads(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> tuple[TaskParams, Tensor]:
+    """Per-task gradients ``[T, ...]`` and losses ``[T]`` of per-task params (not differentiable further)."""
+    return vmap(grad_and_value(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb)))(params, x, y)
+
+
+def per_task_loss(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
+    """Per-task mean loss ``[T]`` of outputs ``[T, B, ...]`` against y ``[T, B, ...]``."""
+    return loss_fn(outputs.flatten(0, 1), y.flatten(0, 1), reduction="none").view(y.shape[0], -1).mean(1)
+
+
+def task_grads_and_outputs(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor
+                           ) -> tuple[TaskParams, Tensor, Tensor]:
+    """Per-task gradients ``[T, ...]``, losses ``[T]`` and outputs ``[T, B, ...]`` in one pass."""
+    def one(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
+        out = functional_call(net, p, (xb,))
+        return loss_fn(out, yb), out
+
+    g, (loss, out) = vmap(grad_and_value(one, has_aux=True))(params, x, y)
+    return g, loss, out
+
+
+def _dot(a: TaskParams, b: TaskParams) -> Tensor:
+    """Per-task inner product ``[T]`` of two per-task parameter dicts."""
+    return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
+
+
+def _axpy(alpha: Tensor, x: TaskParams, y: TaskParams) -> TaskParams:
+    """``y + alpha * x`` with a per-task scalar ``alpha [T]``."""
+    return {k: y[k] + alpha.view(-1, *([1] * (x[k].dim() - 1))) * x[k] for k in x}
+
+
+# --------------------------------------------------------------------------- 1. inner solve (Eq. 4)
+
+def inner_solve(
     net: nn.Module,
     loss_fn: LossFn,
     theta: Params,
     x: Tensor,
     y: Tensor,
+    *,
+    lam: float,
     inner_steps: int,
     inner_lr: float,
-    lam: float = 0.0,
-) -> TaskParams:
-    """Gradient descent on the proximal task objective, all tasks at once.
+    solver: InnerSolver = "gd",
+    cg_steps: int = 5,
+) -> tuple[TaskParams, Tensor]:
+    """Approximately solve the proximal task problem for all tasks at once (iMAML Eq. 4):
 
-    Eq. (iMAML, Rajeswaran et al. 2019, Eq. 4): phi_i = argmin_phi L_i(phi) + lam/2 ||phi - theta||^2,
-    approximated by ``inner_steps`` steps phi <- phi - inner_lr * (grad L_i(phi) + lam (phi - theta)),
-    starting from phi = theta. ``lam = 0`` is plain fine-tuning from theta.
+        phi_i = argmin_phi L_i(phi) + lam/2 ||phi - theta||^2,   starting from phi = theta.
 
-    Shapes: theta without task dim; x ``[T, B, ...]``, y ``[T, B, ...]``; returns phi ``[T, ...]``.
-    Nothing is differentiated through the steps: phi is detached from theta.
+    ``solver="gd"``: ``inner_steps`` steps phi <- phi - inner_lr (grad L_i(phi) + lam (phi - theta)).
+    ``solver="adam"``: the same gradient through Adam (betas 0.9/0.999, eps 1e-8, step ``inner_lr``).
+    ``solver="hessian_free"``: ``inner_steps`` Newton steps phi <- phi - d with (H_i + lam I) d = grad,
+    d by ``cg_steps`` of :func:`cg` (iMAML-HF); ``inner_lr`` is unused. ``lam = 0`` is plain fine-tuning.
+
+    Shapes: theta without task dim; x ``[T, B, ...]``, y ``[T, B, ...]``. Returns phi ``[T, ...]``
+    (detached: nothing is differentiated through the solve) and the proximal objective before each
+    step and after the last, ``[inner_steps + 1, T]``.
     """
-    n_tasks = x.shape[0]
     theta = {k: v.detach() for k, v in theta.items()}
-    phi = expand_to_tasks(theta, n_tasks)
+    phi = expand_to_tasks(theta, x.shape[0])
+    curve = []
+    m = {k: torch.zeros_like(v) for k, v in phi.items()}
+    s = {k: torch.zeros_like(v) for k, v in phi.items()}
+    for step in range(inner_steps):
+        g, loss = task_grads(net, loss_fn, phi, x, y)
+        curve.append(loss + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
+        g = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
+        if solver == "gd":
+            phi = {k: phi[k] - inner_lr * g[k] for k in phi}
+        elif solver == "adam":
+            b1, b2, eps, t = 0.9, 0.999, 1e-8, step + 1
+            m = {k: b1 * m[k] + (1 - b1) * g[k] for k in phi}
+            s = {k: b2 * s[k] + (1 - b2) * g[k] ** 2 for k in phi}
+            phi = {k: phi[k] - inner_lr * (m[k] / (1 - b1 ** t)) / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in phi}
+        elif solver == "hessian_free":
+            newton = lambda v: _axpy(torch.full((x.shape[0],), lam, device=x.device), v, hvp(net, loss_fn, phi, x, y, v))
+            d = cg(newton, g, cg_steps, tol=0.0).x
+            phi = {k: phi[k] - d[k] for k in phi}
+        else:
+            raise ValueError(f"inner_solver={solver!r} is not one of 'gd', 'adam', 'hessian_free'")
+    final = task_losses(net, loss_fn, phi, x, y).detach()
+    curve.append(final + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
+    return phi, torch.stack(curve)
+
+
+def _sub(a: TaskParams, theta: Params) -> TaskParams:
+    return {k: a[k] - theta[k] for k in a}
+
+
+def inner_gd(net: nn.Module, loss_fn: LossFn, theta: Params, x: Tensor, y: Tensor, inner_steps: int,
+             inner_lr: float, lam: float = 0.0) -> TaskParams:
+    """:func:`inner_solve` with ``solver="gd"``, returning only phi ``[T, ...]``."""
+    return inner_solve(net, loss_fn, theta, x, y, lam=lam, inner_steps=inner_steps, inner_lr=inner_lr)[0]
+
+
+# --------------------------------------------------------------------------- 2. implicit meta-gradient (Eq. 6-7)
+
+def hvp(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor, v: TaskParams) -> TaskParams:
+    """Per-task Hessian-vector products H_i v_i, H_i = d^2 L_i / d phi^2 at ``params`` ``[T, ...]``.
+
+    Forward-over-reverse (``jvp`` of ``grad``): one extra forward pass per product, and it works under
+    ``vmap`` with BatchNorm, where reverse-over-reverse raises.
+    """
+    def one(p: Params, vp: Params, xb: Tensor, yb: Tensor) -> Params:
+        return jvp(lambda q: grad(lambda r: task_loss(net, loss_fn, r, xb, yb))(q), (p,), (vp,))[1]
+
+    return vmap(one)(params, v, x, y)
+
+
+@dataclass
+class CGResult:
+    """Solution ``x [T, ...]``, final residual norm ``||b - A x||`` per task ``[T]``, iterations run."""
+
+    x: TaskParams
+    residual: Tensor
+    iterations: int
+
+
+def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, tol: float = 1e-10) -> CGResult:
+    """Conjugate gradient for A x = b, every task's system at once (A symmetric positive definite).
+
+    Starts from x = 0; stops after ``steps`` iterations or when every task's residual norm is
+    ``<= tol * ||b||``. A task whose direction has non-positive curvature (p^T A p <= 0) stops there
+    (truncated CG), keeping its last iterate.
+    """
+    x = {k: torch.zeros_like(v) for k, v in b.items()}
+    r = dict(b)
+    p = dict(b)
+    rs = _dot(r, r)
+    stop = rs.sqrt() * tol
+    active = rs > stop ** 2
+    it = 0
+    for it in range(1, steps + 1):
+        ap = matvec(p)
+        pap = _dot(p, ap)
+        active = active & (pap > 0)
+        alpha = torch.where(active, rs / torch.where(active, pap, 1.0), 0.0)
+        x = _axpy(alpha, p, x)
+        r = _axpy(-alpha, ap, r)
+        rs_new = _dot(r, r)
+        beta = torch.where(active, rs_new / torch.where(active, rs, 1.0), 0.0)
+        p = _axpy(beta, p, r)
+        rs = torch.where(active, rs_new, rs)
+        active = active & (rs_new > stop ** 2)
+        if tol > 0 and not bool(active.any()):
+            break
+    return CGResult(x, rs.sqrt(), it)
+
+
+def implicit_meta_grad(
+    net: nn.Module,
+    loss_fn: LossFn,
+    phi: TaskParams,
+    support: tuple[Tensor, Tensor],
+    query_grad: TaskParams,
+    *,
+    lam: float,
+    cg_steps: int,
+    cg_tol: float = 1e-10,
+) -> CGResult:
+    """The implicit meta-gradient of every task (iMAML Eq. 6-7):
+
+        g_i = (I + H_i / lam)^{-1} grad L_i^test(phi_i),   H_i = Hessian of L_i^train at phi_i,
+
+    by :func:`cg` with :func:`hvp` on the support set; never differentiates through the inner solve.
+    """
+    sx, sy = support
+    return cg(lambda v: _axpy(torch.full((sx.shape[0],), 1.0 / lam, device=sx.device), hvp(net, loss_fn, phi, sx, sy, v), v),
+              query_grad, cg_steps, cg_tol)
+
+
+# --------------------------------------------------------------------------- MAML
+
+def maml_unroll(net: nn.Module, loss_fn: LossFn, theta: Params, x: Tensor, y: Tensor, inner_steps: int,
+                inner_lr: float, first_order: bool = False) -> TaskParams:
+    """MAML's inner loop phi_i = theta - inner_lr * sum_t grad L_i(phi_i^t) (Finn et al. 2017, Eq. 1).
+
+    Differentiable with respect to ``theta`` (second order) unless ``first_order``, where the inner
+    gradients are treated as constants (FOMAML): then d phi_i / d theta = I.
+    """
+    phi = {k: v.unsqueeze(0).expand(x.shape[0], *v.shape) for k, v in theta.items()}
     grad_fn = vmap(grad(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb)))
     for _ in range(inner_steps):
         g = grad_fn(phi, x, y)
-        phi = {k: phi[k] - inner_lr * (g[k] + lam * (phi[k] - theta[k])) for k in phi}
+        phi = {k: phi[k] - inner_lr * (g[k].detach() if first_order else g[k]) for k in phi}
     return phi

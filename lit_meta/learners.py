@@ -1,26 +1,35 @@
 """LightningModules for few-shot learning.
 
 :class:`EpisodicLearner` holds what every few-shot learner shares: an episode comes in, each task's
-weights are adapted on its support set (:meth:`EpisodicLearner.adapt`), and the query loss and
-accuracy of the adapted weights are measured. Subclasses differ only in how they adapt and in what
-they do with a training episode (:meth:`EpisodicLearner.training_step`). Evaluation runs with
-gradients on (adaptation needs them), whatever the Trainer's ``inference_mode``.
+weights are adapted on its support set (:meth:`~EpisodicLearner.adapt`), and the query loss and
+accuracy are measured before and after adaptation. Evaluation runs with gradients on (adaptation
+needs them), whatever the Trainer's ``inference_mode``, and reports the mean and 95% confidence
+interval over the fixed evaluation episodes.
+
+:class:`MetaLearner` adds the meta-update (manual optimization): a subclass turns an episode into
+per-task meta-gradients (:meth:`~MetaLearner.task_meta_grads`); the mean over tasks, summed across
+DDP ranks through the strategy, becomes theta.grad, and the outer optimizer steps. iMAML, MAML,
+first-order MAML and Reptile differ only in that one method.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import math
+from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
-from torchmetrics import MeanMetric
+from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import TaskParams, inner_gd, loss_for, params_of, task_logits
+from .functional import (Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_unroll,
+                         params_of, per_task_loss, task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
 
-STAGES = ("train", "val", "test")
+EVAL_STAGES = ("val", "test")
+NanPolicy = Literal["raise", "skip"]
 
 
 class EpisodicLearner(L.LightningModule):
@@ -44,16 +53,18 @@ class EpisodicLearner(L.LightningModule):
         self.inner_steps = inner_steps
         self.inner_lr = inner_lr
         self.automatic_optimization = False
-        self.metrics = nn.ModuleDict(
-            {f"{stage}_{name}": MeanMetric() for stage in STAGES for name in ("query_loss", "query_acc")}
-        )
+        self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in ("query_loss", "query_acc")})
+        # per-task values of the fixed evaluation episodes: mean and 95% CI at epoch end (gathered under DDP)
+        self.eval_metrics = nn.ModuleDict({
+            f"{stage}_{when}query_{what}": CatMetric()
+            for stage in EVAL_STAGES for when in ("", "pre_") for what in ("loss", "acc")
+        })
         self._n_way: int | None = None
         self._outputs_checked = False
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
-        datamodule = getattr(self.trainer, "datamodule", None)
-        self._n_way = getattr(datamodule, "n_way", None)
+        self._n_way = getattr(getattr(self.trainer, "datamodule", None), "n_way", None)
 
     def on_after_batch_transfer(self, batch: Episode, dataloader_idx: int) -> Episode:
         # Images travel as uint8 and become float on the device.
@@ -63,59 +74,91 @@ class EpisodicLearner(L.LightningModule):
         return self.net(x)
 
     # --- the algorithm ------------------------------------------------------------------------
-    def adapt(self, episode: Episode) -> TaskParams:
-        """Per-task weights ``[T, ...]`` adapted on ``episode``'s support sets."""
-        return inner_gd(
-            self.net, loss_for(episode.support_y), params_of(self.net),
-            episode.support_x, episode.support_y, self.inner_steps, self.inner_lr,
-        )
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        """Per-task weights ``[T, ...]`` adapted on support sets x ``[T, B, ...]``, y ``[T, B]``."""
+        return inner_solve(self.net, loss_for(support_y), params_of(self.net), support_x, support_y,
+                           lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
 
-    def score(self, phi: TaskParams, episode: Episode, stage: str) -> Tensor:
-        """Query loss of the adapted weights (mean over tasks); logs loss and accuracy for ``stage``."""
-        logits = task_logits(self.net, phi, episode.query_x)
-        loss_fn = loss_for(episode.query_y)
-        loss = loss_fn(logits.flatten(0, 1), episode.query_y.flatten(0, 1))
-        self._log_metric(stage, "query_loss", loss.detach(), episode.n_tasks)
-        if not episode.query_y.is_floating_point():
-            acc = (logits.argmax(-1) == episode.query_y).float().mean()
-            self._log_metric(stage, "query_acc", acc, episode.n_tasks)
-        return loss
+    def predict(self, params: TaskParams, x: Tensor) -> Tensor:
+        """Outputs ``[T, B, ...]`` of per-task weights ``params`` (from :meth:`adapt`) on x ``[T, B, ...]``."""
+        return task_logits(self.net, params, x)
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         self._check_outputs(batch)
-        return self.score(self.adapt(batch), batch, "train")
+        phi = self.adapt(batch.support_x, batch.support_y)
+        return self.log_train_metrics(self.predict(phi, batch.query_x), batch)
 
-    def validation_step(self, batch: Episode, batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "val")
+    def validation_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate(batch, "val")
 
-    def test_step(self, batch: Episode, batch_idx: int) -> Tensor:
-        return self._evaluate(batch, "test")
+    def test_step(self, batch: Episode, batch_idx: int) -> None:
+        self._evaluate(batch, "test")
 
-    # --- helpers ------------------------------------------------------------------------------
-    def _evaluate(self, batch: Episode, stage: str) -> Tensor:
+    def on_validation_epoch_end(self) -> None:
+        self._log_eval_epoch("val")
+
+    def on_test_epoch_end(self) -> None:
+        self._log_eval_epoch("test")
+
+    # --- metrics ------------------------------------------------------------------------------
+    @staticmethod
+    def per_task_scores(outputs: Tensor, episode: Episode) -> dict[str, Tensor]:
+        """Per-task query loss ``[T]`` and, for classification, accuracy ``[T]``."""
+        scores = {"loss": per_task_loss(loss_for(episode.query_y), outputs, episode.query_y).detach()}
+        if not episode.query_y.is_floating_point():
+            scores["acc"] = (outputs.argmax(-1) == episode.query_y).float().mean(1)
+        return scores
+
+    def log_train_metrics(self, outputs: Tensor, episode: Episode) -> Tensor:
+        """Log post-adaptation query loss/accuracy of a training episode; returns the mean query loss."""
+        scores = self.per_task_scores(outputs, episode)
+        for what, values in scores.items():
+            metric = self.train_metrics[f"query_{what}"]
+            metric.update(values)
+            self.log(f"train/query_{what}", metric, on_step=True, on_epoch=True, prog_bar=what == "acc",
+                     batch_size=episode.n_tasks)
+        return scores["loss"].mean()
+
+    def _evaluate(self, batch: Episode, stage: str) -> None:
         # Lightning evaluates under inference_mode; adaptation needs autograd, so leave it and copy
         # the batch out of inference mode.
         with torch.inference_mode(False), torch.enable_grad():
             episode = Episode(*(t.clone() for t in batch))
             self._check_outputs(episode)
-            return self.score(self.adapt(episode), episode, stage).detach()
+            theta = {k: v.detach().expand(episode.n_tasks, *v.shape) for k, v in params_of(self.net).items()}
+            before = self.per_task_scores(self.predict(theta, episode.query_x).detach(), episode)
+            phi = self.adapt(episode.support_x, episode.support_y)
+            after = self.per_task_scores(self.predict(phi, episode.query_x).detach(), episode)
+        for when, scores in (("pre_", before), ("", after)):
+            for what, values in scores.items():
+                self.eval_metrics[f"{stage}_{when}query_{what}"].update(values)
 
-    def _log_metric(self, stage: str, name: str, value: Tensor, n_tasks: int) -> None:
-        metric = self.metrics[f"{stage}_{name}"]
-        metric.update(value, weight=n_tasks)
-        self.log(f"{stage}/{name}", metric, on_step=stage == "train", on_epoch=True,
-                 prog_bar=name == "query_acc", batch_size=n_tasks)
+    def _log_eval_epoch(self, stage: str) -> None:
+        for name, metric in self.eval_metrics.items():
+            if not name.startswith(stage) or not metric.update_called:
+                continue
+            values = metric.compute().flatten().float()
+            key = f"{stage}/{name[len(stage) + 1:]}"
+            ci95 = 1.96 * values.std() / math.sqrt(values.numel()) if values.numel() > 1 else values.new_zeros(())
+            self.log(key, values.mean(), prog_bar=key == f"{stage}/query_acc", sync_dist=False)
+            self.log(f"{key}_ci95", ci95, sync_dist=False)
+            metric.reset()
 
     def _check_outputs(self, episode: Episode) -> None:
-        """Once per run: the network's output size must equal the data's n_way (one small forward)."""
-        if self._outputs_checked or self._n_way is None or episode.support_y.is_floating_point():
+        """Once per run: the network's output size must equal the data's n_way, labels within 0..n_way-1."""
+        if self._outputs_checked or episode.support_y.is_floating_point():
             return
         outputs = self.net(episode.support_x[0]).shape[-1]
-        if outputs != self._n_way:
+        if self._n_way is not None and outputs != self._n_way:
             raise ValueError(
                 f"the network outputs {outputs} classes but the episodes are {self._n_way}-way; set the net's "
                 f"output size to n_way (e.g. model.init_args.net.init_args.out_features: {self._n_way})"
             )
+        for name, y in (("support_y", episode.support_y), ("query_y", episode.query_y)):
+            low, high = int(y.min()), int(y.max())
+            if low < 0 or high >= outputs:
+                raise ValueError(f"{name} has labels in [{low}, {high}] but the network has {outputs} outputs: "
+                                 f"labels must be 0..n_way-1; remap them per task (0..{outputs - 1})")
         self._outputs_checked = True
 
 
@@ -135,7 +178,215 @@ class FineTune(EpisodicLearner):
         trainer = self.trainer
         if trainer.max_steps != -1 and trainer.max_epochs in (None, -1):
             raise ValueError(
-                f"trainer.max_steps={self.trainer.max_steps} never ends a FineTune run: max_steps counts optimizer "
+                f"trainer.max_steps={trainer.max_steps} never ends a FineTune run: max_steps counts optimizer "
                 f"steps and FineTune takes none. Bound the run with trainer.max_epochs (and the data's "
                 f"steps_per_epoch) or trainer.limit_train_batches instead"
             )
+
+
+class MetaLearner(EpisodicLearner):
+    """Base of the meta-learners: per-task meta-gradients -> mean -> outer optimizer step.
+
+    Args:
+        net, inner_steps, inner_lr: see :class:`EpisodicLearner`.
+        optimizer: the outer optimizer, given the parameters. Default ``torch.optim.Adam`` (lr 1e-3).
+        lr_scheduler: optional outer LR scheduler, stepped once per meta-update. Default None.
+        nan_policy: a task whose inner loss or meta-gradient is not finite: ``"raise"`` (default) stops
+            with the task index and inner step; ``"skip"`` leaves it out of the meta-update and logs
+            ``train/skipped_tasks``. Never a NaN meta-update.
+    """
+
+    def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
+                 optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
+                 nan_policy: NanPolicy = "raise") -> None:
+        super().__init__(net, inner_steps, inner_lr)
+        if nan_policy not in ("raise", "skip"):
+            raise ValueError(f"nan_policy={nan_policy!r} is not one of 'raise', 'skip'")
+        self.optimizer_factory, self.lr_scheduler_factory, self.nan_policy = optimizer, lr_scheduler, nan_policy
+
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.net.parameters())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
+
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+        """Per-task meta-gradients ``[T, ...]``, adapted weights ``[T, ...]``, post-adaptation query
+        outputs ``[T, B, ...]``, and per-task diagnostics (e.g. the inner-loss curve ``[steps + 1, T]``)."""
+        raise NotImplementedError
+
+    def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
+        """Sum over this rank's finite tasks of the meta-gradients, the finite mask ``[T]``, the
+        post-adaptation query outputs and the diagnostics of :meth:`task_meta_grads`."""
+        grads, phi, outputs, info = self.task_meta_grads(episode)
+        finite = self._finite_tasks(list(grads.values()), info.get("inner_curve"))
+        mask = finite.to(outputs.dtype)
+        return {k: (g * mask.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, finite, outputs, info
+
+    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+        self._check_outputs(batch)
+        grad_sum, finite, outputs, info = self.meta_grad_sum(batch)
+        self.meta_update(grad_sum, finite)
+        loss = self.log_train_metrics(outputs.detach(), batch)
+        if "inner_curve" in info:
+            self.log("train/inner_loss_final", info["inner_curve"][-1].mean(), batch_size=batch.n_tasks)
+        if "cg_residual" in info:
+            self.log("train/cg_residual", info["cg_residual"].mean(), batch_size=batch.n_tasks)
+        if self.nan_policy == "skip":
+            self.log("train/skipped_tasks", (~finite).sum().float(), reduce_fx="sum", batch_size=batch.n_tasks)
+        return loss
+
+    def meta_update(self, grad_sum: Params, finite: Tensor) -> None:
+        """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step.
+
+        The per-rank sums and task counts travel in one flat tensor through the strategy's all-reduce,
+        so every DDP rank applies the same update (assigning ``p.grad`` alone would bypass DDP).
+        """
+        names = list(grad_sum)
+        flat = torch.cat([grad_sum[k].flatten() for k in names] + [finite.sum().view(1).to(grad_sum[names[0]].dtype)])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
+        count = flat[-1].clamp(min=1.0)
+        optimizer = self.optimizers()
+        optimizer.zero_grad()
+        offset = 0
+        for name, param in self.net.named_parameters():
+            if name not in grad_sum:
+                continue
+            n = param.numel()
+            param.grad = (flat[offset:offset + n] / count).view_as(param).to(param.dtype)
+            offset += n
+        optimizer.step()
+        scheduler = self.lr_schedulers()
+        if scheduler is not None:
+            scheduler.step()
+
+    def _finite_tasks(self, per_task: list[Tensor], curve: Tensor | None) -> Tensor:
+        """``[T]`` bool: every per-task tensor (leading dim T) and the inner-loss curve ``[steps + 1, T]``
+        are finite for the task; raises under nan_policy='raise'."""
+        finite = torch.stack([t.reshape(t.shape[0], -1).isfinite().all(1) for t in per_task]).all(0)
+        if curve is not None:
+            finite = finite & curve.isfinite().all(0)
+        if self.nan_policy == "raise" and not bool(finite.all()):
+            task = int((~finite).nonzero()[0])
+            where = ""
+            if curve is not None and not bool(curve[:, task].isfinite().all()):
+                step = int((~curve[:, task].isfinite()).nonzero()[0])
+                where = f" at inner step {step} (inner loss {curve[step, task].item()})"
+            raise FloatingPointError(
+                f"task {task} of this meta-batch has a non-finite inner loss or meta-gradient{where}: lower "
+                f"inner_lr (now {self.inner_lr}) or the outer learning rate, or set nan_policy='skip' to leave "
+                f"such tasks out of the meta-update"
+            )
+        return finite
+
+
+class IMAML(MetaLearner):
+    """iMAML (Rajeswaran et al. 2019): proximal inner solve + implicit meta-gradient by CG.
+
+    Per task i: phi_i ~ argmin L_i^train(phi) + lam/2 ||phi - theta||^2 (``inner_solver``), then
+    g_i solves (I + H_i/lam) g_i = grad L_i^test(phi_i) by ``cg_steps`` of conjugate gradient with
+    Hessian-vector products; theta.grad = mean_i g_i. Memory does not grow with ``inner_steps``.
+
+    Args:
+        net: see :class:`EpisodicLearner`. Default ``Conv4(out_features=5)``.
+        lam: proximal regularisation strength lambda (paper: 2.0 on Omniglot). Default 2.0.
+        inner_steps: inner-solver steps (paper: 16 for 5-way, 25 for 20-way Omniglot). Default 16.
+        inner_lr: inner step size (unused by ``hessian_free``). Default 0.1.
+        inner_solver: ``"gd"``, ``"adam"`` or ``"hessian_free"`` (Newton-CG, iMAML-HF). Default ``"gd"``.
+        cg_steps: conjugate-gradient iterations of the meta-gradient solve (paper: 5). Default 5.
+        cg_tol: CG stops early when every task's residual is <= cg_tol * ||grad L^test||. Default 1e-10.
+        optimizer, lr_scheduler, nan_policy: see :class:`MetaLearner` (outer Adam 1e-3 as the paper).
+    """
+
+    def __init__(self, net: nn.Module | None = None, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
+                 inner_solver: Literal["gd", "adam", "hessian_free"] = "gd", cg_steps: int = 5, cg_tol: float = 1e-10,
+                 optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
+                 nan_policy: NanPolicy = "raise") -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+        if not lam > 0:
+            raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
+        if cg_steps < 1:
+            raise ValueError(f"cg_steps={cg_steps} must be >= 1")
+        if inner_solver not in ("gd", "adam", "hessian_free"):
+            raise ValueError(f"inner_solver={inner_solver!r} is not one of 'gd', 'adam', 'hessian_free'")
+        self.lam, self.inner_solver, self.cg_steps, self.cg_tol = lam, inner_solver, cg_steps, cg_tol
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        return self._inner(support_x, support_y)[0]
+
+    def _inner(self, support_x: Tensor, support_y: Tensor) -> tuple[TaskParams, Tensor]:
+        return inner_solve(self.net, loss_for(support_y), params_of(self.net), support_x, support_y, lam=self.lam,
+                           inner_steps=self.inner_steps, inner_lr=self.inner_lr, solver=self.inner_solver,
+                           cg_steps=self.cg_steps)
+
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+        loss_fn = loss_for(episode.query_y)
+        phi, curve = self._inner(episode.support_x, episode.support_y)                       # Eq. 4
+        query_grad, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
+        solved = implicit_meta_grad(self.net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
+                                    lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol)  # Eq. 6-7
+        return solved.x, phi, outputs, {"inner_curve": curve, "cg_residual": solved.residual}
+
+
+class MAML(MetaLearner):
+    """MAML (Finn et al. 2017): differentiate the query loss through ``inner_steps`` of SGD.
+
+    ``first_order=True`` is FOMAML (inner gradients treated as constants). Memory grows linearly
+    with ``inner_steps`` in the second-order case (the unrolled graph is kept).
+
+    Args: see :class:`MetaLearner`; ``first_order``: FOMAML. Default False.
+    """
+
+    def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, inner_lr: float = 0.4,
+                 first_order: bool = False, optimizer: OptimizerCallable = torch.optim.Adam,
+                 lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise") -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+        self.first_order = first_order
+
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+        loss_fn = loss_for(episode.query_y)
+        theta = params_of(self.net)
+        if self.first_order:  # g_i = grad L_i^test(phi_i): no graph through the inner loop
+            phi = inner_solve(self.net, loss_fn, theta, episode.support_x, episode.support_y, lam=0.0,
+                              inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
+            grads, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
+            return grads, phi, outputs, {}
+        raise NotImplementedError("second-order MAML computes the task sum directly: see meta_grad_sum")
+
+    def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
+        if self.first_order:
+            return super().meta_grad_sum(episode)
+        loss_fn = loss_for(episode.query_y)
+        theta = params_of(self.net)
+        phi = maml_unroll(self.net, loss_fn, theta, episode.support_x, episode.support_y, self.inner_steps,
+                          self.inner_lr)
+        outputs = task_logits(self.net, phi, episode.query_x)
+        losses = per_task_loss(loss_fn, outputs, episode.query_y)                 # L_i^test(phi_i(theta))
+        finite = self._finite_tasks([losses, *phi.values()], None)
+        # one backward through all unrolls: d/dtheta sum_i L_i over the finite tasks
+        names = list(theta)
+        grads = torch.autograd.grad(torch.where(finite, losses, 0.0).sum(), [theta[k] for k in names])
+        if not all(bool(g.isfinite().all()) for g in grads):  # a skipped task can still leak NaN into the backward
+            raise FloatingPointError("second-order MAML got a non-finite meta-gradient although every kept task's "
+                                     f"loss was finite; lower inner_lr (now {self.inner_lr}) or the outer learning rate")
+        return dict(zip(names, grads)), finite, outputs.detach(), {}
+
+
+class Reptile(MetaLearner):
+    """Reptile (Nichol et al. 2018): theta <- theta + eps * mean_i (phi_i - theta).
+
+    phi_i: ``inner_steps`` of SGD (``inner_lr``) on task i. The meta-gradient handed to the outer
+    optimizer is theta - phi_i, so outer SGD with lr eps is exactly Reptile (Adam also works).
+    """
+
+    def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
+                 optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
+                 nan_policy: NanPolicy = "raise") -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+        theta = params_of(self.net)
+        phi, curve = inner_solve(self.net, loss_for(episode.support_y), theta, episode.support_x, episode.support_y,
+                                 lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)
+        grads = {k: theta[k].detach() - phi[k] for k in phi}
+        return grads, phi, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve}

@@ -67,14 +67,14 @@ def _train_losses(seed: int) -> list[float]:
                 "--trainer.enable_checkpointing", "false", "--model.init_args.net.init_args.hidden", "[8]"],
                run=False)
     losses = []
-    original = cli.model.score
+    original = cli.model.log_train_metrics
 
-    def score(phi, episode, stage):
-        loss = original(phi, episode, stage)
+    def record(outputs, episode):
+        loss = original(outputs, episode)
         losses.append(loss.item())
         return loss
 
-    cli.model.score = score
+    cli.model.log_train_metrics = record
     cli.trainer.fit(cli.model, cli.datamodule)
     return losses
 
