@@ -9,7 +9,7 @@ iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
   2. :func:`implicit_meta_grad` solve (I + H_i/lam) g_i = grad L_i^test(phi_i) by :func:`cg`     (Eq. 6-7)
      with Hessian-vector products :func:`hvp` (forward-over-reverse: ``jvp`` of ``grad``)
   3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
-MAML's differentiable unroll is :func:`maml_unroll`.
+Second-order MAML's per-task meta-gradients: :func:`maml_meta_grads`.
 """
 
 from __future__ import annotations
@@ -28,9 +28,16 @@ LossFn = Callable[[Tensor, Tensor], Tensor]
 InnerSolver = Literal["gd", "adam", "hessian_free"]
 
 
+def mse_loss(outputs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
+    """Mean squared error written out: ``F.mse_loss`` breaks forward-over-reverse HVPs under ``torch.func``
+    (torch 2.14: "ZeroTensors are immutable" in its double backward)."""
+    err = (outputs - target) ** 2
+    return err.mean() if reduction == "mean" else err
+
+
 def loss_for(target: Tensor) -> LossFn:
     """Cross-entropy for integer class labels, mean squared error for real-valued targets."""
-    return F.cross_entropy if not target.is_floating_point() else F.mse_loss
+    return F.cross_entropy if not target.is_floating_point() else mse_loss
 
 
 def params_of(net: nn.Module) -> Params:
@@ -232,16 +239,27 @@ def implicit_meta_grad(
 
 # --------------------------------------------------------------------------- MAML
 
-def maml_unroll(net: nn.Module, loss_fn: LossFn, theta: Params, x: Tensor, y: Tensor, inner_steps: int,
-                inner_lr: float, first_order: bool = False) -> TaskParams:
-    """MAML's inner loop phi_i = theta - inner_lr * sum_t grad L_i(phi_i^t) (Finn et al. 2017, Eq. 1).
+def maml_meta_grads(net: nn.Module, loss_fn: LossFn, theta: Params, support: tuple[Tensor, Tensor],
+                    query: tuple[Tensor, Tensor], inner_steps: int, inner_lr: float
+                    ) -> tuple[TaskParams, Tensor, Tensor]:
+    """Second-order MAML meta-gradients of every task (Finn et al. 2017, Eq. 1):
 
-    Differentiable with respect to ``theta`` (second order) unless ``first_order``, where the inner
-    gradients are treated as constants (FOMAML): then d phi_i / d theta = I.
+        g_i = d/dtheta L_i^test(phi_i(theta)),   phi_i = theta - inner_lr * sum_t grad L_i^train(phi_i^t),
+
+    differentiating through all ``inner_steps`` (memory grows with them). Computed as
+    ``vmap(grad(...))`` of the whole per-task objective: differentiating a batched ``vmap(grad)`` unroll
+    with outer autograd instead gives WRONG gradients through BatchNorm in torch 2.14 (checked against
+    finite differences in the tests). Returns per-task gradients ``[T, ...]``, query losses ``[T]`` and
+    query outputs ``[T, B, ...]``.
     """
-    phi = {k: v.unsqueeze(0).expand(x.shape[0], *v.shape) for k, v in theta.items()}
-    grad_fn = vmap(grad(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb)))
-    for _ in range(inner_steps):
-        g = grad_fn(phi, x, y)
-        phi = {k: phi[k] - inner_lr * (g[k].detach() if first_order else g[k]) for k in phi}
-    return phi
+    def objective(th: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
+        phi = th
+        for _ in range(inner_steps):
+            g = grad(lambda p: task_loss(net, loss_fn, p, sx, sy))(phi)
+            phi = {k: phi[k] - inner_lr * g[k] for k in phi}
+        out = functional_call(net, phi, (qx,))
+        return loss_fn(out, qy), out
+
+    thetas = {k: v.detach().unsqueeze(0).expand(support[0].shape[0], *v.shape) for k, v in theta.items()}
+    grads, (losses, outputs) = vmap(grad_and_value(objective, has_aux=True))(thetas, *support, *query)
+    return grads, losses, outputs

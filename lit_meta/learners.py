@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import (Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_unroll,
+from .functional import (Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
                          params_of, per_task_loss, task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
 
@@ -210,15 +210,15 @@ class MetaLearner(EpisodicLearner):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
-        """Per-task meta-gradients ``[T, ...]``, adapted weights ``[T, ...]``, post-adaptation query
-        outputs ``[T, B, ...]``, and per-task diagnostics (e.g. the inner-loss curve ``[steps + 1, T]``)."""
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+        """Per-task meta-gradients ``[T, ...]``, post-adaptation query outputs ``[T, B, ...]``, and
+        per-task diagnostics (e.g. the inner-loss curve ``[steps + 1, T]``)."""
         raise NotImplementedError
 
     def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
         """Sum over this rank's finite tasks of the meta-gradients, the finite mask ``[T]``, the
         post-adaptation query outputs and the diagnostics of :meth:`task_meta_grads`."""
-        grads, phi, outputs, info = self.task_meta_grads(episode)
+        grads, outputs, info = self.task_meta_grads(episode)
         finite = self._finite_tasks(list(grads.values()), info.get("inner_curve"))
         mask = finite.to(outputs.dtype)
         return {k: (g * mask.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, finite, outputs, info
@@ -319,13 +319,13 @@ class IMAML(MetaLearner):
                            inner_steps=self.inner_steps, inner_lr=self.inner_lr, solver=self.inner_solver,
                            cg_steps=self.cg_steps)
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         loss_fn = loss_for(episode.query_y)
         phi, curve = self._inner(episode.support_x, episode.support_y)                       # Eq. 4
         query_grad, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
         solved = implicit_meta_grad(self.net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
                                     lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol)  # Eq. 6-7
-        return solved.x, phi, outputs, {"inner_curve": curve, "cg_residual": solved.residual}
+        return solved.x, outputs, {"inner_curve": curve, "cg_residual": solved.residual}
 
 
 class MAML(MetaLearner):
@@ -343,33 +343,17 @@ class MAML(MetaLearner):
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
         self.first_order = first_order
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         loss_fn = loss_for(episode.query_y)
         theta = params_of(self.net)
         if self.first_order:  # g_i = grad L_i^test(phi_i): no graph through the inner loop
             phi = inner_solve(self.net, loss_fn, theta, episode.support_x, episode.support_y, lam=0.0,
                               inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
             grads, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
-            return grads, phi, outputs, {}
-        raise NotImplementedError("second-order MAML computes the task sum directly: see meta_grad_sum")
-
-    def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
-        if self.first_order:
-            return super().meta_grad_sum(episode)
-        loss_fn = loss_for(episode.query_y)
-        theta = params_of(self.net)
-        phi = maml_unroll(self.net, loss_fn, theta, episode.support_x, episode.support_y, self.inner_steps,
-                          self.inner_lr)
-        outputs = task_logits(self.net, phi, episode.query_x)
-        losses = per_task_loss(loss_fn, outputs, episode.query_y)                 # L_i^test(phi_i(theta))
-        finite = self._finite_tasks([losses, *phi.values()], None)
-        # one backward through all unrolls: d/dtheta sum_i L_i over the finite tasks
-        names = list(theta)
-        grads = torch.autograd.grad(torch.where(finite, losses, 0.0).sum(), [theta[k] for k in names])
-        if not all(bool(g.isfinite().all()) for g in grads):  # a skipped task can still leak NaN into the backward
-            raise FloatingPointError("second-order MAML got a non-finite meta-gradient although every kept task's "
-                                     f"loss was finite; lower inner_lr (now {self.inner_lr}) or the outer learning rate")
-        return dict(zip(names, grads)), finite, outputs.detach(), {}
+            return grads, outputs, {}
+        grads, losses, outputs = maml_meta_grads(self.net, loss_fn, theta, (episode.support_x, episode.support_y),
+                                                 (episode.query_x, episode.query_y), self.inner_steps, self.inner_lr)
+        return grads, outputs, {"query_losses": losses}
 
 
 class Reptile(MetaLearner):
@@ -384,9 +368,9 @@ class Reptile(MetaLearner):
                  nan_policy: NanPolicy = "raise") -> None:
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         theta = params_of(self.net)
         phi, curve = inner_solve(self.net, loss_for(episode.support_y), theta, episode.support_x, episode.support_y,
                                  lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)
         grads = {k: theta[k].detach() - phi[k] for k in phi}
-        return grads, phi, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve}
+        return grads, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve}

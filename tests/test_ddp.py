@@ -14,8 +14,9 @@ HERE = Path(__file__).resolve().parent
 
 def test_ranks_split_the_single_process_meta_batch(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, str(HERE / "ddp_record_episodes.py"), str(tmp_path)], check=True, env=env,
-                   cwd=tmp_path, timeout=240, capture_output=True)
+    run = subprocess.run([sys.executable, str(HERE / "ddp_record_episodes.py"), str(tmp_path)], env=env,
+                         cwd=tmp_path, timeout=240, capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-4000:]
     single = SinusoidDataModule(meta_batch_size=4, steps_per_epoch=2, k_shot=3, k_query=3, seed=5).dataset("train")
     for epoch in range(2):
         for step in range(2):
