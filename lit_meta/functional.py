@@ -117,8 +117,9 @@ def inner_solve(
 
     ``solver="gd"``: ``inner_steps`` steps phi <- phi - inner_lr (grad L_i(phi) + lam (phi - theta)).
     ``solver="adam"``: the same gradient through Adam (betas 0.9/0.999, eps 1e-8, step ``inner_lr``).
-    ``solver="hessian_free"``: ``inner_steps`` Newton steps phi <- phi - d with (H_i + lam I) d = grad,
-    d by ``cg_steps`` of :func:`cg` (iMAML-HF); ``inner_lr`` is unused. ``lam = 0`` is plain fine-tuning.
+    ``solver="hessian_free"``: ``inner_steps`` Newton steps phi <- phi - t d with (H_i + lam I) d = grad,
+    d by ``cg_steps`` of :func:`cg` (iMAML-HF), t from a per-task backtracking search (1, 1/2, ..., 1/16,
+    else 0) on the proximal objective; ``inner_lr`` is unused. ``lam = 0`` is plain fine-tuning.
 
     Shapes: theta without task dim; x ``[T, B, ...]``, y ``[T, B, ...]``. Returns phi ``[T, ...]``
     (detached: nothing is differentiated through the solve) and the proximal objective before each
@@ -131,7 +132,7 @@ def inner_solve(
     s = {k: torch.zeros_like(v) for k, v in phi.items()}
     for step in range(inner_steps):
         g, loss = task_grads(net, loss_fn, phi, x, y)
-        curve.append(loss + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
+        curve.append(loss.detach() + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
         g = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
         if solver == "gd":
             phi = {k: phi[k] - inner_lr * g[k] for k in phi}
@@ -143,12 +144,32 @@ def inner_solve(
         elif solver == "hessian_free":
             newton = lambda v: _axpy(torch.full((x.shape[0],), lam, device=x.device), v, hvp(net, loss_fn, phi, x, y, v))
             d = cg(newton, g, cg_steps, tol=0.0).x
-            phi = {k: phi[k] - d[k] for k in phi}
+            phi = _backtrack(net, loss_fn, theta, phi, d, x, y, lam, curve[-1])
         else:
             raise ValueError(f"inner_solver={solver!r} is not one of 'gd', 'adam', 'hessian_free'")
-    final = task_losses(net, loss_fn, phi, x, y).detach()
-    curve.append(final + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
+    curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, lam))
     return phi, torch.stack(curve)
+
+
+def _proximal_objective(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, x: Tensor, y: Tensor,
+                        lam: float) -> Tensor:
+    """Per-task L_i(phi_i) + lam/2 ||phi_i - theta||^2, ``[T]``."""
+    diff = _sub(phi, theta)
+    return task_losses(net, loss_fn, phi, x, y).detach() + lam / 2 * _dot(diff, diff)
+
+
+def _backtrack(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, d: TaskParams, x: Tensor, y: Tensor,
+               lam: float, current: Tensor, halvings: int = 4) -> TaskParams:
+    """Per-task step phi - t d with t the best of 1, 1/2, ..., 2^-halvings, or no step if none lowers the
+    proximal objective (a Newton step on a non-convex loss can overshoot)."""
+    best_t = torch.zeros_like(current)
+    best = current
+    for j in range(halvings + 1):
+        t = 0.5 ** j
+        value = _proximal_objective(net, loss_fn, theta, {k: phi[k] - t * d[k] for k in phi}, x, y, lam)
+        better = value < best  # NaN never counts as better
+        best_t, best = torch.where(better, t, best_t), torch.where(better, value, best)
+    return _axpy(-best_t, d, phi)
 
 
 def _sub(a: TaskParams, theta: Params) -> TaskParams:

@@ -220,8 +220,9 @@ class MetaLearner(EpisodicLearner):
         post-adaptation query outputs and the diagnostics of :meth:`task_meta_grads`."""
         grads, outputs, info = self.task_meta_grads(episode)
         finite = self._finite_tasks(list(grads.values()), info.get("inner_curve"))
-        mask = finite.to(outputs.dtype)
-        return {k: (g * mask.view(-1, *[1] * (g.dim() - 1))).sum(0) for k, g in grads.items()}, finite, outputs, info
+        # where, not multiply: 0 * NaN is NaN
+        return {k: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0) for k, g in grads.items()}, \
+            finite, outputs, info
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         self._check_outputs(batch)
@@ -248,13 +249,9 @@ class MetaLearner(EpisodicLearner):
         count = flat[-1].clamp(min=1.0)
         optimizer = self.optimizers()
         optimizer.zero_grad()
-        offset = 0
-        for name, param in self.net.named_parameters():
-            if name not in grad_sum:
-                continue
-            n = param.numel()
-            param.grad = (flat[offset:offset + n] / count).view_as(param).to(param.dtype)
-            offset += n
+        params = dict(self.net.named_parameters())
+        for chunk, name in zip(torch.split(flat[:-1], [grad_sum[k].numel() for k in names]), names):
+            params[name].grad = (chunk / count).view_as(params[name]).to(params[name].dtype)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
