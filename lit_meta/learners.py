@@ -15,6 +15,7 @@ first-order MAML and Reptile differ only in that one method.
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -48,6 +49,7 @@ class EpisodicLearner(L.LightningModule):
             raise ValueError(f"inner_steps={inner_steps} must be >= 0")
         if inner_lr <= 0:
             raise ValueError(f"inner_lr={inner_lr} must be > 0")
+        self._save_config()
         self.net = net if net is not None else Conv4()
         check_functional(self.net)
         self.inner_steps = inner_steps
@@ -61,6 +63,21 @@ class EpisodicLearner(L.LightningModule):
         })
         self._n_way: int | None = None
         self._outputs_checked = False
+
+    def _save_config(self) -> None:
+        """Keep the constructor's arguments (of the most derived class) in the checkpoint.
+
+        Built by ``train.py``, the network and optimizer are saved as their config (class_path +
+        init_args), so ``Learner.load_from_checkpoint(path)`` rebuilds everything. Built in Python,
+        objects are not pickled into the checkpoint (it stays ``weights_only``-loadable): pass them again,
+        ``load_from_checkpoint(path, net=...)``.
+        """
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is an instance of `nn.Module`")
+            self.save_hyperparameters()
+        # objects (a network, an optimizer class) would be pickled: keep checkpoints weights_only-loadable
+        plain = (dict, list, tuple, str, int, float, bool, type(None))
+        self.remove_ignored_hparams([k for k, v in self.hparams.items() if not isinstance(v, plain)])
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:

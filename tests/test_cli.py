@@ -4,6 +4,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from lit_meta.cli import main
 
@@ -105,3 +106,38 @@ def _train_losses(seed: int) -> list[float]:
 def test_same_config_and_seed_give_same_episodes_and_losses():
     a, b, c = _train_losses(0), _train_losses(0), _train_losses(1)
     assert len(a) == 3 and a == b and a != c
+
+
+def test_a_checkpoint_from_train_py_loads_without_the_config(tmp_path):
+    import lit_meta
+
+    cli = main(["fit", "--config", str(REPO / "configs" / "imaml_sinusoid.yaml"), "--trainer.max_steps", "2",
+                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1",
+                "--model.init_args.net.init_args.hidden", "[8]",
+                "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    (ckpt,) = tmp_path.glob("**/*.ckpt")
+    loaded = lit_meta.IMAML.load_from_checkpoint(ckpt)  # no config, no net given
+    assert loaded.net.layers[0].out_features == 8 and loaded.lam == cli.model.lam
+    for (k, a), b in zip(cli.model.state_dict().items(), loaded.state_dict().values()):
+        assert torch.equal(a, b), k
+    episode = cli.datamodule.dataset("val")[(0, 0)]
+    expected = cli.model.predict(cli.model.adapt(episode.support_x, episode.support_y), episode.query_x)
+    assert torch.allclose(loaded.predict(loaded.adapt(episode.support_x, episode.support_y), episode.query_x), expected)
+
+
+def test_a_python_built_module_reloads_with_its_net(tmp_path):
+    import lightning as L
+
+    import lit_meta
+    from lit_meta.datamodules import SinusoidDataModule
+
+    model = lit_meta.IMAML(lit_meta.MLP(hidden=(4,)), lam=3.0, inner_steps=2, cg_steps=2)
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, default_root_dir=tmp_path,
+                        enable_progress_bar=False)
+    trainer.fit(model, SinusoidDataModule(meta_batch_size=2))
+    (ckpt,) = tmp_path.glob("**/*.ckpt")
+    saved = torch.load(ckpt, weights_only=True)["hyper_parameters"]  # no pickled objects
+    assert "net" not in saved and saved["lam"] == 3.0
+    loaded = lit_meta.IMAML.load_from_checkpoint(ckpt, net=lit_meta.MLP(hidden=(4,)))
+    assert loaded.lam == 3.0
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
