@@ -14,8 +14,9 @@ taken round-robin over the methods so that background load hits them alike.
   ours MAML (2nd order)         maml_meta_grads, the same 16 inner steps and inner lr.
   ours FOMAML                   inner_solve (lam 0) -> query gradients at the adapted weights.
   loop iMAML (reference-style)  a Python loop over tasks written like the iMAML authors' code: copy the
-                                model, 16 SGD steps on the proximal objective (torch.autograd.grad),
-                                query gradient, 5 CG steps with double-backward HVPs.
+                                model's weights, 16 SGD steps on the proximal objective
+                                (torch.autograd.grad), query gradient, 5 CG steps with double-backward
+                                HVPs (CG truncated at non-positive curvature, as ours).
   learn2learn MAML (2nd order)  learn2learn's MAML looped over tasks as in its examples: maml.clone(),
                                 learner.adapt(loss) x steps (``--l2l-steps``), query loss backward.
 
@@ -129,46 +130,58 @@ def _flat(tensors: list[Tensor] | tuple[Tensor, ...]) -> Tensor:
     return torch.cat([t.contiguous().view(-1) for t in tensors])
 
 
-def _reference_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int, residual_tol: float = 1e-10) -> Tensor:
-    """Plain conjugate gradient on flat vectors from x = 0, as in the iMAML authors' ``utils.cg_solve``."""
+def _reference_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int, tol: float) -> Tensor:
+    """Conjugate gradient on flat vectors from x = 0, after the authors' ``utils.cg_solve``, with two changes
+    that make it compute exactly what :func:`lit_meta.functional.cg` computes: it stops at a direction of
+    non-positive curvature (p^T A p <= 0: truncated CG; the system (I + H/lam) is indefinite where H has
+    eigenvalues below -lam) and at a residual <= tol * ||b||. It also starts from r = b instead of spending
+    one more HVP on b - A 0 (which would only slow the loop down)."""
     x = torch.zeros_like(b)
     r, p = b.clone(), b.clone()
     rdotr = r.dot(r)
+    stop = rdotr * tol ** 2
     for _ in range(steps):
+        if rdotr <= stop:
+            break
         ap = matvec(p)
-        alpha = rdotr / p.dot(ap)
+        pap = p.dot(ap)
+        if pap <= 0:
+            break
+        alpha = rdotr / pap
         x = x + alpha * p
         r = r - alpha * ap
         new_rdotr = r.dot(r)
         p = r + new_rdotr / rdotr * p
         rdotr = new_rdotr
-        if rdotr < residual_tol:
-            break
     return x
 
 
 def loop_imaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
-    """iMAML-GD one task at a time, written like the authors' reference code (aravindr93/imaml_dev)."""
+    """iMAML-GD one task at a time, written like the authors' reference code (aravindr93/imaml_dev,
+    examples/omniglot_implicit_maml.py): one fast learner whose weights are reset to theta per task."""
     theta = [p.detach() for p in net.parameters()]
+    fast = copy.deepcopy(net)
+    params = list(fast.parameters())
     meta_grad = torch.zeros_like(_flat(theta))
     for i in range(ep.n_tasks):
         sx, sy, qx, qy = ep.support_x[i], ep.support_y[i], ep.query_x[i], ep.query_y[i]
-        learner = copy.deepcopy(net)  # fast learner starts at theta
-        params = list(learner.parameters())
+        with torch.no_grad():  # set_params(theta)
+            for p, t in zip(params, theta):
+                p.copy_(t)
         for _ in range(s.inner_steps):  # SGD on L_train(phi) + lam/2 ||phi - theta||^2
             regu = sum(((p - t) ** 2).sum() for p, t in zip(params, theta))
-            loss = F.cross_entropy(learner(sx), sy) + 0.5 * s.lam * regu
+            loss = F.cross_entropy(fast(sx), sy) + 0.5 * s.lam * regu
             grads = torch.autograd.grad(loss, params)
             with torch.no_grad():
                 for p, g in zip(params, grads):
                     p.sub_(s.inner_lr * g)
-        query_grad = _flat(torch.autograd.grad(F.cross_entropy(learner(qx), qy), params))
+        query_grad = _flat(torch.autograd.grad(F.cross_entropy(fast(qx), qy), params))
 
-        def hessian_vector_product(v: Tensor) -> Tensor:  # reverse-over-reverse, as the authors do
-            g = _flat(torch.autograd.grad(F.cross_entropy(learner(sx), sy), params, create_graph=True))
+        def hessian_vector_product(v: Tensor) -> Tensor:  # reverse-over-reverse, a fresh forward per product
+            g = _flat(torch.autograd.grad(F.cross_entropy(fast(sx), sy), params, create_graph=True))
             return _flat(torch.autograd.grad(g.dot(v), params))
 
-        implicit = _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, query_grad, s.cg_steps)
+        implicit = _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, query_grad, s.cg_steps, s.cg_tol)
         meta_grad += implicit / ep.n_tasks
     chunks = torch.split(meta_grad, [t.numel() for t in theta])
     return {name: chunk.view_as(p) for (name, p), chunk in zip(net.named_parameters(), chunks)}
@@ -398,7 +411,10 @@ def main() -> None:
                               else str(REPO / "docs" / "meta_throughput.png"))
     data = Path(args.data_dir or Path(os.environ.get("LIT_META_DATA", REPO.parent / "shared" / "data")) / "omniglot")
 
+    torch.set_num_threads(args.threads[0])  # so that the machine line names the first table's thread count
     print(machine_line())
+    if args.quick:
+        print("--quick: tiny sizes for a smoke test; its tasks/s and the target checks mean nothing")
     print(f"methods: {', '.join(methods)}; repeats {repeats} after 1 warm-up; inner lr {settings[0].inner_lr}, "
           f"lam {settings[0].lam}, CG steps {settings[0].cg_steps}, outer Adam lr 1e-3")
     rows = []

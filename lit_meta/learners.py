@@ -211,15 +211,20 @@ class MetaLearner(EpisodicLearner):
         nan_policy: a task whose inner loss or meta-gradient is not finite: ``"raise"`` (default) stops
             with the task index and inner step; ``"skip"`` leaves it out of the meta-update and logs
             ``train/skipped_tasks``. Never a NaN meta-update.
+        task_chunk_size: meta-gradients of at most this many tasks at once (the rest in turn): bounds
+            peak memory for the same result. Default None: the whole (per-process) meta-batch at once.
     """
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise") -> None:
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
         super().__init__(net, inner_steps, inner_lr)
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy={nan_policy!r} is not one of 'raise', 'skip'")
+        if task_chunk_size is not None and task_chunk_size < 1:
+            raise ValueError(f"task_chunk_size={task_chunk_size} must be >= 1 (or None for the whole meta-batch)")
         self.optimizer_factory, self.lr_scheduler_factory, self.nan_policy = optimizer, lr_scheduler, nan_policy
+        self.task_chunk_size = task_chunk_size
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -235,11 +240,23 @@ class MetaLearner(EpisodicLearner):
     def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
         """Sum over this rank's finite tasks of the meta-gradients, the finite mask ``[T]``, the
         post-adaptation query outputs and the diagnostics of :meth:`task_meta_grads`."""
-        grads, outputs, info = self.task_meta_grads(episode)
+        grads, outputs, info = self._chunked_task_meta_grads(episode)
         finite = self._finite_tasks(list(grads.values()), info.get("inner_curve"))
         # where, not multiply: 0 * NaN is NaN
         return {k: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0) for k, g in grads.items()}, \
             finite, outputs, info
+
+    def _chunked_task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+        """:meth:`task_meta_grads` over groups of at most ``task_chunk_size`` tasks (bounds peak memory)."""
+        size = self.task_chunk_size or episode.n_tasks
+        if size >= episode.n_tasks:
+            return self.task_meta_grads(episode)
+        parts = [self.task_meta_grads(Episode(*(t[i:i + size] for t in episode)))
+                 for i in range(0, episode.n_tasks, size)]
+        grads = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
+        outputs = torch.cat([p[1] for p in parts])
+        info = {k: torch.cat([p[2][k] for p in parts], dim=-1) for k in parts[0][2]}  # task dim is last
+        return grads, outputs, info
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         self._check_outputs(batch)
@@ -309,14 +326,15 @@ class IMAML(MetaLearner):
         inner_solver: ``"gd"``, ``"adam"`` or ``"hessian_free"`` (Newton-CG, iMAML-HF). Default ``"gd"``.
         cg_steps: conjugate-gradient iterations of the meta-gradient solve (paper: 5). Default 5.
         cg_tol: CG stops early when every task's residual is <= cg_tol * ||grad L^test||. Default 1e-10.
-        optimizer, lr_scheduler, nan_policy: see :class:`MetaLearner` (outer Adam 1e-3 as the paper).
+        optimizer, lr_scheduler, nan_policy, task_chunk_size: see :class:`MetaLearner` (outer Adam 1e-3
+            as the paper).
     """
 
     def __init__(self, net: nn.Module | None = None, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
                  inner_solver: Literal["gd", "adam", "hessian_free"] = "gd", cg_steps: int = 5, cg_tol: float = 1e-10,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise") -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
         if not lam > 0:
             raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
         if cg_steps < 1:
@@ -353,8 +371,9 @@ class MAML(MetaLearner):
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, inner_lr: float = 0.4,
                  first_order: bool = False, optimizer: OptimizerCallable = torch.optim.Adam,
-                 lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise") -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+                 lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise",
+                 task_chunk_size: int | None = None) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
         self.first_order = first_order
 
     def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
@@ -379,8 +398,8 @@ class Reptile(MetaLearner):
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise") -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy)
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
 
     def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         theta = params_of(self.net)

@@ -17,6 +17,10 @@ from lit_meta.datamodules import OmniglotDataModule, SinusoidDataModule
 HERE = Path(__file__).resolve().parent
 
 
+def SGD(params):
+    return torch.optim.SGD(params, lr=1.0)
+
+
 def trainer(**kwargs):
     return L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                      enable_model_summary=False, **kwargs)
@@ -138,3 +142,25 @@ def test_nan_tasks_can_be_skipped():
     trainer(max_steps=1).fit(model, OneEpisode(Episode(bad, ep.support_y, ep.query_x, ep.query_y)))
     assert all(p.isfinite().all() for p in model.parameters())
     assert model.trainer.callback_metrics["train/skipped_tasks"] == 1
+
+
+@pytest.mark.parametrize("make", [
+    lambda chunk: IMAML(Conv4(hidden=8), inner_steps=3, cg_steps=3, task_chunk_size=chunk, optimizer=SGD),
+    lambda chunk: MAML(Conv4(hidden=8), inner_steps=2, task_chunk_size=chunk, optimizer=SGD),
+], ids=["imaml", "maml"])
+def test_task_chunks_give_the_same_update(make):
+    # outer SGD with lr 1: the parameter change IS the meta-gradient (Adam would magnify rounding noise
+    # of gradients that are zero in exact arithmetic, e.g. conv biases before BatchNorm)
+    results = []
+    for chunk in (None, 2):
+        torch.manual_seed(0)
+        model = make(chunk)
+        trainer(max_steps=1).fit(model, OneEpisode(episode(n_tasks=5)))
+        results.append([p.detach().clone() for p in model.parameters()])
+    for a, b in zip(*results):
+        assert torch.allclose(a, b, rtol=0, atol=1e-6)
+
+
+def test_task_chunk_size_must_be_positive():
+    with pytest.raises(ValueError, match=r"task_chunk_size=0 must be >= 1"):
+        IMAML(Conv4(hidden=4), task_chunk_size=0)
