@@ -58,7 +58,7 @@ class EpisodicLearner(L.LightningModule):
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in ("query_loss", "query_acc")})
         # per-task values of the fixed evaluation episodes: mean and 95% CI at epoch end (gathered under DDP)
         self.eval_metrics = nn.ModuleDict({
-            f"{stage}_{when}query_{what}": CatMetric()
+            f"{stage}_{when}query_{what}": CatMetric(nan_strategy="disable")  # keep NaN: never hide a diverged task
             for stage in EVAL_STAGES for when in ("", "pre_") for what in ("loss", "acc")
         })
         self._n_way: int | None = None

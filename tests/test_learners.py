@@ -4,8 +4,8 @@ import lightning as L
 import pytest
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
+from helpers import OneEpisode
 from lit_meta import Conv4, Episode, FineTune, MLP, check_functional
 from lit_meta.datamodules import SinusoidDataModule
 from lit_meta.episode import to_float
@@ -88,20 +88,6 @@ def test_uint8_batches_become_float_on_the_device():
     assert to_float(out).support_x is out.support_x  # floats pass through
 
 
-class _FakeDM(L.LightningDataModule):
-    n_way = 5
-
-    def __init__(self, episode):
-        super().__init__()
-        self.episode = episode
-
-    def train_dataloader(self):
-        return DataLoader([self.episode], batch_size=None)
-
-    def val_dataloader(self):
-        return DataLoader([self.episode], batch_size=None)
-
-
 def _episode(n_way=5, n_tasks=2):
     y = torch.arange(n_way).repeat(n_tasks, 1)
     x = torch.randint(0, 255, (n_tasks, n_way, 1, 28, 28), dtype=torch.uint8)
@@ -116,20 +102,20 @@ def _trainer(**kwargs):
 def test_wrong_number_of_outputs_is_named():
     model = FineTune(Conv4(out_features=3, hidden=8), inner_steps=1)
     with pytest.raises(ValueError, match=r"outputs 3 classes but the episodes are 5-way.*out_features: 5"):
-        _trainer(max_epochs=1).fit(model, _FakeDM(_episode()))
+        _trainer(max_epochs=1).fit(model, OneEpisode(_episode()))
 
 
 def test_max_steps_alone_is_refused():
     model = FineTune(Conv4(hidden=8), inner_steps=1)
     with pytest.raises(ValueError, match=r"trainer.max_steps=5 never ends a FineTune run.*max_epochs"):
-        _trainer(max_steps=5).fit(model, _FakeDM(_episode()))
+        _trainer(max_steps=5).fit(model, OneEpisode(_episode()))
 
 
 def test_validation_adapts_under_inference_mode_and_does_not_change_weights():
     torch.manual_seed(0)
     model = FineTune(Conv4(hidden=8), inner_steps=2)
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    metrics = _trainer(inference_mode=True).validate(model, _FakeDM(_episode()), verbose=False)[0]
+    metrics = _trainer(inference_mode=True).validate(model, OneEpisode(_episode()), verbose=False)[0]
     assert {"val/query_loss", "val/query_acc", "val/query_acc_ci95", "val/pre_query_acc"} <= set(metrics)
     assert 0 <= metrics["val/query_acc"] <= 1
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
