@@ -128,12 +128,14 @@ def inner_solve(
     theta = {k: v.detach() for k, v in theta.items()}
     phi = expand_to_tasks(theta, x.shape[0])
     curve = []
-    m = {k: torch.zeros_like(v) for k, v in phi.items()}
-    s = {k: torch.zeros_like(v) for k, v in phi.items()}
+    if solver == "adam":  # moment estimates, only for Adam
+        m = {k: torch.zeros_like(v) for k, v in phi.items()}
+        s = {k: torch.zeros_like(v) for k, v in phi.items()}
     for step in range(inner_steps):
         g, loss = task_grads(net, loss_fn, phi, x, y)
-        curve.append(loss.detach() + lam / 2 * _dot(_sub(phi, theta), _sub(phi, theta)))
-        g = {k: g[k] + lam * (phi[k] - theta[k]) for k in phi}
+        diff = _sub(phi, theta)
+        curve.append(loss.detach() + lam / 2 * _dot(diff, diff))
+        g = {k: g[k] + lam * diff[k] for k in phi}
         if solver == "gd":
             phi = {k: phi[k] - inner_lr * g[k] for k in phi}
         elif solver == "adam":
