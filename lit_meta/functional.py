@@ -26,6 +26,7 @@ Params = dict[str, Tensor]
 TaskParams = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 InnerSolver = Literal["gd", "adam", "hessian_free"]
+INNER_SOLVERS = ("gd", "adam", "hessian_free")
 
 
 def mse_loss(outputs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -91,8 +92,10 @@ def _dot(a: TaskParams, b: TaskParams) -> Tensor:
     return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
 
 
-def _axpy(alpha: Tensor, x: TaskParams, y: TaskParams) -> TaskParams:
-    """``y + alpha * x`` with a per-task scalar ``alpha [T]``."""
+def _axpy(alpha: Tensor | float, x: TaskParams, y: TaskParams) -> TaskParams:
+    """``y + alpha * x`` with a per-task scalar ``alpha [T]`` or one float for all tasks."""
+    if isinstance(alpha, float):
+        return {k: y[k] + alpha * x[k] for k in x}
     return {k: y[k] + alpha.view(-1, *([1] * (x[k].dim() - 1))) * x[k] for k in x}
 
 
@@ -125,6 +128,8 @@ def inner_solve(
     (detached: nothing is differentiated through the solve) and the proximal objective before each
     step and after the last, ``[inner_steps + 1, T]``.
     """
+    if solver not in INNER_SOLVERS:
+        raise ValueError(f"inner_solver={solver!r} is not one of {INNER_SOLVERS}")
     theta = {k: v.detach() for k, v in theta.items()}
     phi = expand_to_tasks(theta, x.shape[0])
     curve = []
@@ -134,7 +139,7 @@ def inner_solve(
     for step in range(inner_steps):
         g, loss = task_grads(net, loss_fn, phi, x, y)
         diff = _sub(phi, theta)
-        curve.append(loss.detach() + lam / 2 * _dot(diff, diff))
+        curve.append(_proximal(loss.detach(), diff, lam))
         g = {k: g[k] + lam * diff[k] for k in phi}
         if solver == "gd":
             phi = {k: phi[k] - inner_lr * g[k] for k in phi}
@@ -143,12 +148,10 @@ def inner_solve(
             m = {k: b1 * m[k] + (1 - b1) * g[k] for k in phi}
             s = {k: b2 * s[k] + (1 - b2) * g[k] ** 2 for k in phi}
             phi = {k: phi[k] - inner_lr * (m[k] / (1 - b1 ** t)) / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in phi}
-        elif solver == "hessian_free":
-            newton = lambda v: _axpy(torch.full((x.shape[0],), lam, device=x.device), v, hvp(net, loss_fn, phi, x, y, v))
+        else:  # hessian_free
+            newton = lambda v: _axpy(float(lam), v, hvp(net, loss_fn, phi, x, y, v))  # (H_i + lam I) v
             d = cg(newton, g, cg_steps, tol=0.0).x
             phi = _backtrack(net, loss_fn, theta, phi, d, x, y, lam, curve[-1])
-        else:
-            raise ValueError(f"inner_solver={solver!r} is not one of 'gd', 'adam', 'hessian_free'")
     curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, lam))
     return phi, torch.stack(curve)
 
@@ -156,8 +159,12 @@ def inner_solve(
 def _proximal_objective(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, x: Tensor, y: Tensor,
                         lam: float) -> Tensor:
     """Per-task L_i(phi_i) + lam/2 ||phi_i - theta||^2, ``[T]``."""
-    diff = _sub(phi, theta)
-    return task_losses(net, loss_fn, phi, x, y).detach() + lam / 2 * _dot(diff, diff)
+    return _proximal(task_losses(net, loss_fn, phi, x, y).detach(), _sub(phi, theta), lam)
+
+
+def _proximal(loss: Tensor, diff: TaskParams, lam: float) -> Tensor:
+    """L_i + lam/2 ||phi_i - theta||^2 from the losses ``[T]`` and ``diff = phi - theta``."""
+    return loss + lam / 2 * _dot(diff, diff)
 
 
 def _backtrack(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, d: TaskParams, x: Tensor, y: Tensor,
@@ -176,12 +183,6 @@ def _backtrack(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, 
 
 def _sub(a: TaskParams, theta: Params) -> TaskParams:
     return {k: a[k] - theta[k] for k in a}
-
-
-def inner_gd(net: nn.Module, loss_fn: LossFn, theta: Params, x: Tensor, y: Tensor, inner_steps: int,
-             inner_lr: float, lam: float = 0.0) -> TaskParams:
-    """:func:`inner_solve` with ``solver="gd"``, returning only phi ``[T, ...]``."""
-    return inner_solve(net, loss_fn, theta, x, y, lam=lam, inner_steps=inner_steps, inner_lr=inner_lr)[0]
 
 
 # --------------------------------------------------------------------------- 2. implicit meta-gradient (Eq. 6-7)
@@ -256,7 +257,7 @@ def implicit_meta_grad(
     by :func:`cg` with :func:`hvp` on the support set; never differentiates through the inner solve.
     """
     sx, sy = support
-    return cg(lambda v: _axpy(torch.full((sx.shape[0],), 1.0 / lam, device=sx.device), hvp(net, loss_fn, phi, sx, sy, v), v),
+    return cg(lambda v: _axpy(1.0 / lam, hvp(net, loss_fn, phi, sx, sy, v), v),  # (I + H_i/lam) v
               query_grad, cg_steps, cg_tol)
 
 

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import (Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
+from .functional import (INNER_SOLVERS, Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
                          params_of, per_task_loss, task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
 
@@ -339,8 +339,8 @@ class IMAML(MetaLearner):
             raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
         if cg_steps < 1:
             raise ValueError(f"cg_steps={cg_steps} must be >= 1")
-        if inner_solver not in ("gd", "adam", "hessian_free"):
-            raise ValueError(f"inner_solver={inner_solver!r} is not one of 'gd', 'adam', 'hessian_free'")
+        if inner_solver not in INNER_SOLVERS:  # here too, so a bad config fails at construction
+            raise ValueError(f"inner_solver={inner_solver!r} is not one of {INNER_SOLVERS}")
         self.lam, self.inner_solver, self.cg_steps, self.cg_tol = lam, inner_solver, cg_steps, cg_tol
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:

@@ -142,6 +142,15 @@ def test_batched_meta_gradient_equals_a_per_task_loop():
             assert torch.allclose(batched[k][i], single[k][0], rtol=1e-5, atol=1e-10), k
 
 
+def conv_episode(n_tasks: int, hidden: int):
+    """A seeded 3-way Conv4 and random support/query sets of 6 images per task."""
+    torch.manual_seed(0)
+    net = Conv4(out_features=3, hidden=hidden)
+    support = torch.rand(n_tasks, 6, 1, 28, 28), torch.randint(0, 3, (n_tasks, 6))
+    query = torch.rand(n_tasks, 6, 1, 28, 28), torch.randint(0, 3, (n_tasks, 6))
+    return net, support, query
+
+
 def manual_maml_grad(net, theta, sx, sy, qx, qy, steps, lr):
     """Reference: MAML with torch.autograd and create_graph, one task at a time."""
     total = 0
@@ -156,10 +165,7 @@ def manual_maml_grad(net, theta, sx, sy, qx, qy, steps, lr):
 
 
 def test_maml_second_order_gradient_equals_a_manual_unroll():
-    torch.manual_seed(0)
-    net = Conv4(out_features=3, hidden=6)
-    sx, sy = torch.rand(3, 6, 1, 28, 28), torch.randint(0, 3, (3, 6))
-    qx, qy = torch.rand(3, 6, 1, 28, 28), torch.randint(0, 3, (3, 6))
+    net, (sx, sy), (qx, qy) = conv_episode(n_tasks=3, hidden=6)
     theta = params_of(net)
     grads, _, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
     reference = manual_maml_grad(net, theta, sx, sy, qx, qy, 2, 0.3)
@@ -168,10 +174,7 @@ def test_maml_second_order_gradient_equals_a_manual_unroll():
 
 
 def test_maml_gradient_through_batchnorm_matches_finite_differences():
-    torch.manual_seed(0)
-    net = Conv4(out_features=3, hidden=4)
-    sx, sy = torch.rand(1, 6, 1, 28, 28), torch.randint(0, 3, (1, 6))
-    qx, qy = torch.rand(1, 6, 1, 28, 28), torch.randint(0, 3, (1, 6))
+    net, (sx, sy), (qx, qy) = conv_episode(n_tasks=1, hidden=4)
     theta = params_of(net)
     grads, losses, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
 
