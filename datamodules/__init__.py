@@ -7,5 +7,14 @@ from .omniglot import OmniglotDataModule
 from .sinusoid import SinusoidDataModule, SinusoidTasks
 from .sampler import ClassImageTasks, EpisodeDataset, EpisodeSampler, episode_generator
 
-__all__ = ["EpisodicDataModule", "ClassImageDataModule", "OmniglotDataModule", "MiniImageNetDataModule", "Learn2LearnDataModule", "SinusoidDataModule", "SinusoidTasks",
+__all__ = ["EpisodicDataModule", "ClassImageDataModule", "OmniglotDataModule", "MiniImageNetDataModule", "Learn2LearnDataModule", "RolloutDataModule", "SinusoidDataModule", "SinusoidTasks",
            "ClassImageTasks", "EpisodeDataset", "EpisodeSampler", "episode_generator"]
+
+
+def __getattr__(name: str):
+    # Imported on first use: it loads the RL stack (torchrl), which few-shot users do not need.
+    if name == "RolloutDataModule":
+        from .rollouts import RolloutDataModule
+
+        return RolloutDataModule
+    raise AttributeError(f"module 'lit_meta.datamodules' has no attribute {name!r}")

@@ -38,3 +38,33 @@ def to_float(episode: Episode) -> Episode:
         return t.float().div_(255.0) if t.dtype == torch.uint8 else t
 
     return Episode(conv(episode.support_x), episode.support_y, conv(episode.query_x), episode.query_y)
+
+
+class Window(NamedTuple):
+    """A meta-batch of ``T`` dynamics-learning tasks: windows of consecutive transitions of one rollout.
+
+    The first ``M = past_window`` transitions are what the model adapts on, the next ``K = future_window``
+    what the adapted model is scored on (GrBAL/ReBAL, Nagabandi et al. 2019, Sec. 4). A window never
+    spans two rollouts or two tasks. Shapes: ``past_*`` ``[T, M, dim]``, ``future_*`` ``[T, K, dim]``;
+    ``*_obs`` and ``*_next_obs`` ``[..., obs_dim]``, ``*_action`` ``[..., act_dim]``; float32.
+    """
+
+    past_obs: Tensor
+    past_action: Tensor
+    past_next_obs: Tensor
+    future_obs: Tensor
+    future_action: Tensor
+    future_next_obs: Tensor
+
+    @property
+    def n_tasks(self) -> int:
+        return self.past_obs.shape[0]
+
+
+class Transitions(NamedTuple):
+    """A batch of ``B`` independent transitions (non-adaptive MB-MPC): ``obs``/``next_obs`` ``[B, obs_dim]``,
+    ``action`` ``[B, act_dim]``; float32."""
+
+    obs: Tensor
+    action: Tensor
+    next_obs: Tensor

@@ -47,6 +47,10 @@ def test_every_config_runs_fast_dev_run(config, tmp_path):
         extra = ["--data.init_args.data_dir", str(fake_miniimagenet(tmp_path / "mini"))]
     # The config as written, with 4 tasks per step so the heavy ones (20-way 5-shot) stay fast
     small = ["--data.init_args.meta_batch_size", "4", "--data.init_args.eval_meta_batch_size", "4"]
+    if "RolloutDataModule" in config.read_text():  # one short rollout per split instead of thousands of steps
+        small += ["--data.init_args.initial_rollouts", "1", "--data.init_args.val_rollouts", "1",
+                  "--data.init_args.rollout_length", "40", "--data.init_args.n_envs", "1",
+                  "--data.init_args.eval_episodes", "4"]
     cli = main(["fit", "--config", str(config), "--trainer.fast_dev_run", "1", *small, *extra])
     assert cli.trainer.state.finished
     assert any(k.startswith("train/query_loss") for k in cli.trainer.callback_metrics)

@@ -18,6 +18,8 @@ def test_wheel_installs_one_namespace_into_a_fresh_venv(tmp_path):
     assert top_level == {"lit_meta", wheel.name.split("-py3")[0] + ".dist-info"}, top_level
     names = zipfile.ZipFile(wheel).namelist()
     assert "lit_meta/datamodules/omniglot.py" in names and "lit_meta/callbacks/__init__.py" in names
+    for package in REPO.glob("lit_meta/**/__init__.py"):  # every subpackage (rl, envs, ...) is listed in pyproject
+        assert package.relative_to(REPO).as_posix() in names, f"{package.parent.name} is missing from the wheel"
 
     venv = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)

@@ -1,0 +1,120 @@
+"""GrBAL / ReBAL / MB-MPC on held-out perturbations: the experiment of Nagabandi et al. 2019 (Fig. 3-4).
+
+For each env and method: meta-train with the method's config (``configs/{method}_{env}.yaml``, the same
+data budget for all: the same random rollouts, aggregation rounds and rollout lengths), then run
+``--episodes`` test-split episodes (tasks unseen in training) with online adaptation + MPC and report
+mean return +- 95% CI, the model's K-step prediction error without and with adaptation (normalised
+state change, on the episodes' own windows), and the environment steps each method consumed.
+
+    python benchmarks/rl_returns.py --envs halfcheetah_crippled              # CPU budget configs
+    python benchmarks/rl_returns.py --quick                                  # smoke: tiny budget, minutes
+    python benchmarks/rl_returns.py --envs halfcheetah_crippled ant_crippled halfcheetah_pier --episodes 10
+
+Writes a table to stdout and a bar chart to docs/rl_returns.png (``--plot``). Runs in the current
+folder's ``logs/``; the trained checkpoints are not kept.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine_line  # noqa: E402
+
+from lit_meta.cli import main as cli_main  # noqa: E402
+from lit_meta.rl import evaluate  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+METHODS = ("grbal", "rebal", "mbmpc")
+QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", "--data.init_args.rollouts_per_round",
+         "1", "--data.init_args.rollout_length", "100", "--data.init_args.steps_per_epoch", "20",
+         "--data.init_args.val_rollouts", "1", "--data.init_args.eval_episodes", "50",
+         "--model.init_args.mpc", '{"planner": "random_shooting", "horizon": 5, "n_candidates": 100}']
+
+
+def run(method: str, env: str, args) -> dict:
+    config = REPO / "configs" / f"{method}_{env}.yaml"
+    extra = QUICK if args.quick else []
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        cli = cli_main(["fit", "--config", str(config), "--trainer.enable_checkpointing", "false",
+                        "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp, *extra])
+    train_s = time.perf_counter() - start
+    model, data = cli.model, cli.datamodule
+    mpc = {**model.mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {})}
+    length = 100 if args.quick else args.episode_length
+    rows = {}
+    for adapt in ([True, False] if method != "mbmpc" else [False]):
+        start = time.perf_counter()
+        result = evaluate(model, data.env_id, "test", episodes=args.episodes, episode_length=length,
+                          env_kwargs=data.env_kwargs, n_envs=min(args.episodes, 5), past_window=data.past_window,
+                          future_window=data.future_window, adapt=adapt, seed=1234, **mpc)
+        result["eval_s"] = time.perf_counter() - start
+        rows["adapt" if adapt else "no_adapt"] = result
+    return {"train_env_steps": len(data.buffer), "train_s": train_s, **rows}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--envs", nargs="+", default=["halfcheetah_crippled"])
+    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--episodes", type=int, default=10)
+    parser.add_argument("--episode-length", type=int, default=1000)
+    parser.add_argument("--quick", action="store_true", help="tiny budget and short episodes (smoke test)")
+    parser.add_argument("--plot", default=None, help="bar chart (default docs/rl_returns.png; a temp file with --quick)")
+    parser.add_argument("--json", default=None, help="also write the results here")
+    args = parser.parse_args()
+    if args.quick:
+        args.episodes = min(args.episodes, 2)
+    torch.set_num_threads(torch.get_num_threads())
+    print(machine_line())
+    results = {env: {m: run(m, env, args) for m in args.methods} for env in args.envs}
+    print(f"{'env':<22} {'method':<8} {'adapt':<5} {'return':>18} {'pred err pre':>13} {'post':>8} "
+          f"{'train steps':>11} {'train s':>8} {'eval s':>7}")
+    for env, by_method in results.items():
+        for method, r in by_method.items():
+            for arm in ("adapt", "no_adapt"):
+                if arm not in r:
+                    continue
+                e = r[arm]
+                print(f"{env:<22} {method:<8} {'yes' if arm == 'adapt' else 'no':<5} "
+                      f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
+                      f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=1))
+    plot = Path(args.plot) if args.plot else (Path(tempfile.gettempdir()) / "rl_returns.png" if args.quick
+                                              else REPO / "docs" / "rl_returns.png")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(4 * len(results), 3), squeeze=False)
+    for ax, (env, by_method) in zip(axes[0], results.items()):
+        labels, means, cis = [], [], []
+        for method, r in by_method.items():
+            for arm in ("adapt", "no_adapt"):
+                if arm in r:
+                    labels.append(method + ("" if arm == "adapt" or method == "mbmpc" else "\n(no adapt)"))
+                    means.append(r[arm]["mean_return"])
+                    cis.append(r[arm]["ci95"])
+        ax.bar(range(len(labels)), means, yerr=cis, capsize=3)
+        ax.set_xticks(range(len(labels)), labels, fontsize=7)
+        ax.set_title(env, fontsize=9)
+        ax.set_ylabel("test-task return")
+    fig.tight_layout()
+    fig.savefig(plot, dpi=100)
+    print(f"plot: {plot}")
+
+
+if __name__ == "__main__":
+    np.set_printoptions(precision=3)
+    main()

@@ -1,0 +1,186 @@
+"""Online adaptation + MPC (Nagabandi et al. 2019, Alg. 2) and the evaluation of a dynamics learner.
+
+At every environment step the controller (1) adapts the model on the last ``past_window`` transitions of
+the current episode (GrBAL: the inner update from the meta-learned weights; ReBAL: the hidden-state
+update; MB-MPC: nothing), (2) plans with the adapted model (random shooting, CEM or MPPI from
+:mod:`lit_meta.rl.planners`), (3) returns the first action. All environments of a vector env are
+adapted and planned for together: per-environment adapted weights carry a leading environment
+dimension, and the planner's candidate rows are environment-major, so one model call per horizon step
+serves them all.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Literal, Sequence
+
+import gymnasium as gym
+import numpy as np
+import torch
+from torch import Tensor
+
+from lit_meta.rl import planners
+from lit_meta.rl.buffer import Rollout, RolloutBuffer
+from lit_meta.rl.collect import RolloutCollector
+
+PLANNERS = ("random_shooting", "cem", "mppi")
+
+
+def env_reward_fns(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[Callable, Callable | None]:
+    """(reward_fn, termination_fn) of an env: the batched torch functions the planner scores with."""
+    if env_id.startswith("lit_meta/"):
+        import lit_meta.envs  # noqa: F401
+    env = gym.make(env_id, **(env_kwargs or {}))
+    try:
+        reward_fn = getattr(env.unwrapped, "reward_fn", None)
+        termination_fn = getattr(env.unwrapped, "termination_fn", None)
+    finally:
+        env.close()
+    if reward_fn is None:
+        raise ValueError(
+            f"{env_id} has no reward_fn: MPC scores candidate plans with the env's reward, so its unwrapped env must "
+            f"provide reward_fn(obs, action, next_obs) -> Tensor (batched torch, equal to the env's reward), "
+            f"optionally termination_fn(obs, action, next_obs) -> BoolTensor"
+        )
+    return reward_fn, termination_fn
+
+
+class MPCController:
+    """A policy ``controller(obs [E, obs_dim]) -> actions [E, act_dim]`` that adapts, then plans.
+
+    Args:
+        learner: a trained dynamics learner (:class:`~lit_meta.rl.learners.GrBAL`, ``ImplicitGrBAL``,
+            ``ReBAL``, ``MBMPC``): it provides ``normalizer``, ``adapt`` and ``predict``.
+        reward_fn, termination_fn: the env's batched torch reward/termination (:func:`env_reward_fns`).
+        action_low, action_high: action bounds ``[act_dim]``.
+        past_window: M, transitions adapted on (paper 16). Default 16.
+        adapt: adapt online (False: plan with the meta-learned weights, for the "without adaptation" arm).
+        planner: ``"random_shooting"`` (paper), ``"cem"`` or ``"mppi"``. horizon: H (paper 10).
+        n_candidates: sequences per step (paper 500). planner_kwargs: extra planner arguments (e.g.
+            ``iterations``, ``n_elites``, ``temperature``).
+        seed: seed of the planner's generator (reset per batch of rollouts from the rollouts' seeds).
+    """
+
+    def __init__(self, learner, reward_fn: Callable, termination_fn: Callable | None, action_low: Sequence[float],
+                 action_high: Sequence[float], past_window: int = 16, adapt: bool = True,
+                 planner: Literal["random_shooting", "cem", "mppi"] = "random_shooting", horizon: int = 10,
+                 n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0) -> None:
+        if planner not in PLANNERS:
+            raise ValueError(f"planner={planner!r} is not one of {PLANNERS}")
+        if past_window < 1:
+            raise ValueError(f"past_window={past_window} must be >= 1")
+        self.learner, self.reward_fn, self.termination_fn = learner, reward_fn, termination_fn
+        self.device = next(learner.parameters()).device
+        self.low = torch.as_tensor(np.asarray(action_low), dtype=torch.float32, device=self.device)
+        self.high = torch.as_tensor(np.asarray(action_high), dtype=torch.float32, device=self.device)
+        self.past_window, self.adapt_online, self.planner = past_window, adapt, getattr(planners, planner)
+        self.horizon, self.n_candidates = horizon, n_candidates
+        self.planner_kwargs = dict(planner_kwargs or {})
+        self.warm_start = planner in ("cem", "mppi")
+        self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.n_nonfinite = 0  # candidates discarded for non-finite predictions, in total
+        self.reset([seed])
+
+    def reset(self, seeds: Sequence[int]) -> None:
+        """Start new episodes: forget the transitions and the warm start; reseed the planner."""
+        self.generator.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+        self.history: list[tuple[Tensor, Tensor]] = []  # (obs, action) of the steps taken, [E, ...] each
+        self.plan: Tensor | None = None
+
+    def adapted_params(self, obs: Tensor) -> dict[str, Tensor]:
+        """Per-environment weights ``[E, ...]`` adapted on the last M transitions (meta-learned ones before any)."""
+        learner = self.learner
+        n = len(self.history)
+        if not self.adapt_online or n == 0:
+            return {k: v.detach().expand(len(obs), *v.shape) for k, v in learner.net.named_parameters()}
+        past = self.history[-self.past_window:]
+        past_obs = torch.stack([o for o, _ in past], 1)
+        past_action = torch.stack([a for _, a in past], 1)
+        past_next = torch.cat([past_obs[:, 1:], obs[:, None]], 1)
+        norm = learner.normalizer
+        with torch.enable_grad():
+            params = learner.adapt(norm.inputs(past_obs, past_action), norm.targets(past_obs, past_next))
+        return {k: v.detach() for k, v in params.items()}
+
+    def dynamics(self, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+        """The planner's model: rows are environment-major, so they fold into [E, n_candidates, ...]."""
+        learner, norm, n_envs = self.learner, self.learner.normalizer, next(iter(params.values())).shape[0]
+
+        def step(obs: Tensor, action: Tensor) -> Tensor:
+            output = learner.predict(params, norm.inputs(obs, action).view(n_envs, -1, norm.in_features))
+            return norm.next_obs(obs, output.reshape(obs.shape))
+
+        return step
+
+    @torch.no_grad()
+    def __call__(self, obs: np.ndarray) -> np.ndarray:
+        obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
+        if self.history and len(self.history[-1][0]) != len(obs_t):
+            self.reset([0])
+        params = self.adapted_params(obs_t)
+        kwargs = dict(self.planner_kwargs)
+        if self.warm_start and self.plan is not None:
+            kwargs["init_mean"] = planners.shift_plan(self.plan, self.low, self.high)
+        result = self.planner(self.dynamics(params), self.reward_fn, obs_t, horizon=self.horizon,
+                              n_candidates=self.n_candidates, action_low=self.low, action_high=self.high,
+                              generator=self.generator, termination_fn=self.termination_fn, **kwargs)
+        self.n_nonfinite += int(result.n_nonfinite.sum())
+        self.plan = result.plan
+        self.history.append((obs_t, result.action))
+        if len(self.history) > self.past_window:
+            self.history.pop(0)
+        return result.action.cpu().numpy()
+
+
+def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future_window: int) -> dict[str, float]:
+    """Mean K-step (one step ahead) prediction error of the normalised state change on every window of the
+    rollouts, without and with adaptation on the window's M past transitions."""
+    buffer = RolloutBuffer(capacity=max(sum(r.length for r in rollouts), 1), window=past_window + future_window)
+    buffer.add(rollouts)
+    if not buffer.n_windows:
+        return {"pred_error_pre": math.nan, "pred_error_post": math.nan}
+    starts = buffer.starts
+    index = (starts[:, None] + torch.arange(buffer.window)).reshape(-1)
+    n = len(starts)
+    fields = (buffer.data(k)[index].view(n, buffer.window, -1).to(learner.device) for k in ("obs", "action", "next_obs"))
+    obs, action, next_obs = fields
+    m = past_window
+    from lit_meta.episode import Window
+
+    episode = learner.normalizer.episode(Window(obs[:, :m], action[:, :m], next_obs[:, :m], obs[:, m:], action[:, m:],
+                                                next_obs[:, m:]))
+    theta = {k: v.detach().expand(n, *v.shape) for k, v in learner.net.named_parameters()}
+    with torch.enable_grad():
+        phi = {k: v.detach() for k, v in learner.adapt(episode.support_x, episode.support_y).items()}
+    with torch.no_grad():
+        pre = ((learner.predict(theta, episode.query_x) - episode.query_y) ** 2).mean()
+        post = ((learner.predict(phi, episode.query_x) - episode.query_y) ** 2).mean()
+    return {"pred_error_pre": float(pre), "pred_error_post": float(post)}
+
+
+def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10, episode_length: int = 1000,
+             env_kwargs: dict[str, Any] | None = None, n_envs: int = 5, past_window: int = 16,
+             future_window: int = 16, adapt: bool = True, planner: str = "random_shooting", horizon: int = 10,
+             n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
+    """Run ``episodes`` episodes of ``env_id`` (``task_split`` tasks) with an :class:`MPCController` and score them.
+
+    Returns a dict: ``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors),
+    ``pred_error_pre`` / ``pred_error_post`` (:func:`prediction_errors` on the episodes' windows),
+    ``env_steps`` (taken), ``n_nonfinite`` (planner candidates discarded).
+    """
+    learner.eval()
+    kwargs = {**(env_kwargs or {}), "task_split": task_split}
+    reward_fn, termination_fn = env_reward_fns(env_id, kwargs)
+    collector = RolloutCollector(env_id, kwargs, n_envs=n_envs)
+    try:
+        controller = MPCController(learner, reward_fn, termination_fn, collector.action_low, collector.action_high,
+                                   past_window=past_window, adapt=adapt, planner=planner, horizon=horizon,
+                                   n_candidates=n_candidates, planner_kwargs=planner_kwargs, seed=seed)
+        rollouts = collector.collect(controller, seed, round=0, indices=range(episodes), rollout_length=episode_length)
+    finally:
+        collector.close()
+    returns = np.array([float(r.reward.double().sum()) for r in rollouts])
+    ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
+    return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
+            **prediction_errors(learner, rollouts, past_window, future_window),
+            "env_steps": int(sum(r.length for r in rollouts)), "n_nonfinite": controller.n_nonfinite}

@@ -1,0 +1,114 @@
+"""GrBAL / ImplicitGrBAL / ReBAL / MB-MPC: gradients against an autograd unroll, adaptation that lowers the
+prediction error on a held-out task, checkpoints, bad input."""
+
+from __future__ import annotations
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+from torch.func import functional_call
+
+from lit_meta.datamodules.rollouts import RolloutDataModule
+from lit_meta.episode import Window
+from lit_meta.nets import MLP
+from lit_meta.rl.learners import MBMPC, GrBAL, ImplicitGrBAL, ReBAL, RecurrentDynamics
+from rl_fakes import ENV_ID
+
+# The drift env: x' = x + a + c, c in {0, 3} for training, c = 2 held out. With both observation
+# dimensions left out of the input, the model sees only the action: c must come from adaptation.
+DIMS = dict(obs_dim=2, action_dim=1, exclude_obs_dims=[0, 1], aggregate_every_n_epochs=0)
+
+
+def drift_data(**kwargs) -> RolloutDataModule:
+    args = dict(env_id=ENV_ID, env_kwargs={"change_every": 25}, past_window=8, future_window=8, initial_rollouts=8,
+                rollout_length=50, val_rollouts=2, n_envs=4, meta_batch_size=16, steps_per_epoch=40,
+                eval_episodes=40, eval_meta_batch_size=20, seed=3)
+    return RolloutDataModule(**{**args, **kwargs})
+
+
+def fit(model, data, tmp_path, epochs: int = 2) -> dict[str, float]:
+    L.seed_everything(0)
+    trainer = L.Trainer(max_epochs=epochs, default_root_dir=tmp_path, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0)
+    trainer.fit(model, data)
+    return {k: float(v) for k, v in trainer.callback_metrics.items()}, trainer
+
+
+def test_grbal_second_order_meta_gradient_equals_an_autograd_unroll():
+    torch.manual_seed(0)
+    model = GrBAL(MLP(1, 2, (8,)), inner_steps=2, inner_lr=0.3, **DIMS).double()
+    window = Window(*(torch.randn(3, n, d, dtype=torch.float64) for n, d in
+                      ((4, 2), (4, 1), (4, 2), (5, 2), (5, 1), (5, 2))))
+    episode = model.normalizer.episode(window)
+    grads = model.task_meta_grads(episode)[0]
+    theta = dict(model.net.named_parameters())
+    for task in range(3):
+        phi = dict(theta)
+        for _ in range(2):
+            loss = ((functional_call(model.net, phi, episode.support_x[task]) - episode.support_y[task]) ** 2).mean()
+            step = torch.autograd.grad(loss, list(phi.values()), create_graph=True)
+            phi = {k: v - 0.3 * g for (k, v), g in zip(phi.items(), step)}
+        query = ((functional_call(model.net, phi, episode.query_x[task]) - episode.query_y[task]) ** 2).mean()
+        expected = torch.autograd.grad(query, list(theta.values()))
+        for (name, _), e in zip(theta.items(), expected):
+            torch.testing.assert_close(grads[name][task], e, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: GrBAL(MLP(1, 2, (32, 32)), inner_steps=1, inner_lr=0.5, **DIMS),
+    lambda: ImplicitGrBAL(MLP(1, 2, (32, 32)), lam=0.5, inner_steps=4, inner_lr=0.3, cg_steps=3, **DIMS),
+    lambda: ReBAL(RecurrentDynamics(1, 2, 32, (32,)), **DIMS),
+], ids=["GrBAL", "ImplicitGrBAL", "ReBAL"])
+def test_adaptation_lowers_prediction_error_on_a_held_out_task(make, tmp_path):
+    metrics, trainer = fit(make(), drift_data(), tmp_path)
+    pre, post = metrics["val/pre_query_loss"], metrics["val/query_loss"]
+    assert post < 0.5 * pre, (pre, post)
+    # The normalisation statistics are the buffer's, and travel in the checkpoint.
+    model = trainer.lightning_module
+    torch.testing.assert_close(model.normalizer.delta_mean, trainer.datamodule.stats["delta_mean"])
+    path = tmp_path / "model.ckpt"
+    trainer.save_checkpoint(path)
+    loaded = type(model).load_from_checkpoint(path, net=make().net)
+    torch.testing.assert_close(loaded.normalizer.delta_std, model.normalizer.delta_std)
+
+
+def test_mbmpc_trains_on_transitions_and_does_not_adapt(tmp_path):
+    metrics, _ = fit(MBMPC(MLP(1, 2, (32, 32)), **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
+    assert metrics["val/pre_query_loss"] == metrics["val/query_loss"]
+    assert metrics["train/query_loss"] < 2.0  # the normalised change has variance ~1 around the mean task
+
+
+def test_model_and_env_sizes_must_match(tmp_path):
+    with pytest.raises(ValueError, match="obs_dim=18, action_dim=6 but lit_meta_test/Drift-v0 has observations of size 2"):
+        fit(GrBAL(), drift_data(), tmp_path)
+    with pytest.raises(ValueError, match="exclude_obs_dims"):
+        GrBAL(obs_dim=2, action_dim=1, exclude_obs_dims=[5])
+    with pytest.raises(ValueError, match="RecurrentDynamics"):
+        ReBAL(net=MLP(1, 2), **DIMS)
+
+
+def test_collect_meta_train_adapt_online_evaluate(tmp_path):
+    """End to end, seeded: random rollouts -> GrBAL meta-training with one MPC aggregation round ->
+    online adaptation + MPC on the held-out task -> returns and prediction errors."""
+    from lit_meta.rl.control import evaluate
+
+    mpc = {"planner": "cem", "horizon": 3, "n_candidates": 32, "planner_kwargs": {"iterations": 2, "n_elites": 4}}
+    model = GrBAL(MLP(1, 2, (32, 32)), inner_steps=1, inner_lr=0.5, mpc=mpc, **{**DIMS, "aggregate_every_n_epochs": 1})
+    data = drift_data(rollouts_per_round=4)
+    _, trainer = fit(model, data, tmp_path)
+    assert data.round == 2 and len(data.buffer) == 12 * 50  # 8 random + 4 MPC rollouts
+    mpc_actions = data.buffer.data("action")[8 * 50:]
+    assert mpc_actions.abs().max() <= 1 and not torch.equal(mpc_actions, data.buffer.data("action")[:4 * 50])
+    result = evaluate(model, ENV_ID, "test", episodes=3, episode_length=30, n_envs=3, past_window=8, future_window=8,
+                      **{k: v for k, v in mpc.items()})
+    assert len(result["returns"]) == 3 and result["env_steps"] == 90 and result["n_nonfinite"] == 0
+    assert result["pred_error_post"] < 0.5 * result["pred_error_pre"]
+    assert np.isfinite(result["returns"]).all()
+
+
+def test_env_without_reward_fn_is_refused():
+    from lit_meta.rl.control import env_reward_fns
+
+    with pytest.raises(ValueError, match="CartPole-v1 has no reward_fn"):
+        env_reward_fns("CartPole-v1")
