@@ -10,7 +10,10 @@ taken round-robin over the methods so that background load hits them alike.
 
   ours iMAML-GD                 lit_meta.functional, batched over tasks (what ``IMAML.task_meta_grads``
                                 runs): inner_solve (GD, 16 steps, lam 2, inner lr 0.1) -> query
-                                gradients -> implicit_meta_grad (5 CG steps) -> mean -> Adam.
+                                gradients -> implicit_meta_grad (5 CG steps) -> mean -> Adam. For Conv4
+                                the functions take its all-tasks forward (``Conv4.forward_tasks``: tasks
+                                folded into grouped convolutions, no vmap) and build the Hessian's graph
+                                once per CG solve (each product one double backward).
   ours MAML (2nd order)         maml_meta_grads, the same 16 inner steps and inner lr.
   ours FOMAML                   inner_solve (lam 0) -> query gradients at the adapted weights.
   loop iMAML (reference-style)  a Python loop over tasks written like the iMAML authors' code: copy the

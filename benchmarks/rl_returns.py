@@ -8,6 +8,7 @@ state change, on the episodes' own windows), and the environment steps each meth
 
     python benchmarks/rl_returns.py --envs halfcheetah_crippled              # CPU budget configs
     python benchmarks/rl_returns.py --quick                                  # smoke: tiny budget, minutes
+    python benchmarks/rl_returns.py --episode-length 300 --set --trainer.max_epochs 4   # a smaller budget
     python benchmarks/rl_returns.py --envs halfcheetah_crippled ant_crippled halfcheetah_pier --episodes 10
 
 Writes a table to stdout and a bar chart to docs/rl_returns.png (``--plot``). Runs in the current
@@ -42,7 +43,7 @@ QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", 
 
 def run(method: str, env: str, args) -> dict:
     config = REPO / "configs" / f"{method}_{env}.yaml"
-    extra = QUICK if args.quick else []
+    extra = (QUICK if args.quick else []) + list(args.set)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         cli = cli_main(["fit", "--config", str(config), "--trainer.enable_checkpointing", "false",
@@ -69,6 +70,9 @@ def main() -> None:
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--episode-length", type=int, default=1000)
     parser.add_argument("--quick", action="store_true", help="tiny budget and short episodes (smoke test)")
+    parser.add_argument("--set", nargs=argparse.REMAINDER, default=[],
+                        help="train.py overrides for every config, last on the line, e.g. --set "
+                             "--model.init_args.mpc '{\"n_candidates\": 200}' --trainer.max_epochs 4")
     parser.add_argument("--plot", default=None, help="bar chart (default docs/rl_returns.png; a temp file with --quick)")
     parser.add_argument("--json", default=None, help="also write the results here")
     args = parser.parse_args()

@@ -7,7 +7,8 @@ tasks (meta-parameters theta); ``TaskParams`` carry a leading dimension ``T``, o
 iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
   1. :func:`inner_solve`       phi_i = argmin_phi L_i^tr(phi) + lam/2 ||phi - theta||^2          (Eq. 4)
   2. :func:`implicit_meta_grad` solve (I + H_i/lam) g_i = grad L_i^test(phi_i) by :func:`cg`     (Eq. 6-7)
-     with Hessian-vector products :func:`hvp` (forward-over-reverse: ``jvp`` of ``grad``)
+     with Hessian-vector products :func:`hessian_operator` (``jvp`` of ``grad`` under ``vmap``; for a
+     network with an all-tasks forward such as Conv4, ``vjp`` of ``grad`` with the graph built once)
   3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
 Second-order MAML's per-task meta-gradients: :func:`maml_meta_grads`.
 """
@@ -20,7 +21,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
 
 Params = dict[str, Tensor]
 TaskParams = dict[str, Tensor]
@@ -56,19 +57,43 @@ def task_loss(net: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Ten
     return loss_fn(functional_call(net, params, (x,)), y)
 
 
+def _all_tasks_forward(net: nn.Module) -> Callable[[TaskParams, Tensor], Tensor] | None:
+    """The network's own forward of all tasks at once, ``forward_tasks(params [T, ...], x [T, B, ...])``, if it
+    has one (lit_meta.nets.Conv4: tasks folded into grouped convolutions), else None (``vmap`` is used)."""
+    return getattr(net, "forward_tasks", None)
+
+
+def _summed_task_losses(net: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor
+                        ) -> Callable[[TaskParams], tuple[Tensor, tuple[Tensor, Tensor]]]:
+    """params -> (sum_i L_i(params_i), (losses [T], outputs)) through the all-tasks forward: task i's loss
+    depends only on params_i, so the gradient of the sum is every task's own gradient, ``[T, ...]``."""
+    def summed(params: TaskParams) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        out = net.forward_tasks(params, x)
+        losses = per_task_loss(loss_fn, out, y)
+        return losses.sum(), (losses, out)
+
+    return summed
+
+
 def task_logits(net: nn.Module, params: TaskParams, x: Tensor) -> Tensor:
     """Outputs of ``net`` for every task with its own weights: params ``[T, ...]``, x ``[T, B, ...]``."""
+    forward = _all_tasks_forward(net)
+    if forward is not None:
+        return forward(params, x)
     return vmap(lambda p, xb: functional_call(net, p, (xb,)))(params, x)
 
 
 def task_losses(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> Tensor:
     """Per-task losses ``[T]`` of per-task params ``[T, ...]`` on x ``[T, B, ...]``, y ``[T, B, ...]``."""
+    if _all_tasks_forward(net) is not None:
+        return per_task_loss(loss_fn, task_logits(net, params, x), y)
     return vmap(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb))(params, x, y)
 
 
 def task_grads(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> tuple[TaskParams, Tensor]:
     """Per-task gradients ``[T, ...]`` and losses ``[T]`` of per-task params (not differentiable further)."""
-    return vmap(grad_and_value(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb)))(params, x, y)
+    g, loss, _ = task_grads_and_outputs(net, loss_fn, params, x, y)
+    return g, loss
 
 
 def per_task_loss(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
@@ -79,6 +104,10 @@ def per_task_loss(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
 def task_grads_and_outputs(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor
                            ) -> tuple[TaskParams, Tensor, Tensor]:
     """Per-task gradients ``[T, ...]``, losses ``[T]`` and outputs ``[T, B, ...]`` in one pass."""
+    if _all_tasks_forward(net) is not None:
+        g, (_, (loss, out)) = grad_and_value(_summed_task_losses(net, loss_fn, x, y), has_aux=True)(params)
+        return g, loss.detach(), out.detach()
+
     def one(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
         out = functional_call(net, p, (xb,))
         return loss_fn(out, yb), out
@@ -149,7 +178,8 @@ def inner_solve(
             s = {k: b2 * s[k] + (1 - b2) * g[k] ** 2 for k in phi}
             phi = {k: phi[k] - inner_lr * (m[k] / (1 - b1 ** t)) / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in phi}
         else:  # hessian_free
-            newton = lambda v: _axpy(float(lam), v, hvp(net, loss_fn, phi, x, y, v))  # (H_i + lam I) v
+            hessian = hessian_operator(net, loss_fn, phi, x, y)
+            newton = lambda v: _axpy(float(lam), v, hessian(v))  # (H_i + lam I) v
             d = cg(newton, g, cg_steps, tol=0.0).x
             phi = _backtrack(net, loss_fn, theta, phi, d, x, y, lam, curve[-1])
     curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, lam))
@@ -187,16 +217,30 @@ def _sub(a: TaskParams, theta: Params) -> TaskParams:
 
 # --------------------------------------------------------------------------- 2. implicit meta-gradient (Eq. 6-7)
 
-def hvp(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor, v: TaskParams) -> TaskParams:
-    """Per-task Hessian-vector products H_i v_i, H_i = d^2 L_i / d phi^2 at ``params`` ``[T, ...]``.
+def hessian_operator(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor
+                     ) -> Callable[[TaskParams], TaskParams]:
+    """v -> H v, the per-task Hessian-vector products H_i v_i, H_i = d^2 L_i / d phi^2 at ``params`` ``[T, ...]``
+    (iMAML Eq. 7's matrix), for the several products of one CG solve.
 
-    Forward-over-reverse (``jvp`` of ``grad``): one extra forward pass per product, and it works under
-    ``vmap`` with BatchNorm, where reverse-over-reverse raises.
+    Generic networks: forward-over-reverse (``jvp`` of ``grad``) under ``vmap``, one forward pass per product
+    (reverse-over-reverse through BatchNorm raises under ``vmap``). A network with an all-tasks forward
+    (``forward_tasks``) needs no ``vmap``: the gradient of the summed losses is built once, with its graph,
+    and every product is one more backward through it (``vjp`` of ``grad``; H_i symmetric).
     """
+    if _all_tasks_forward(net) is not None:
+        summed = _summed_task_losses(net, loss_fn, x, y)
+        _, vjp_fn = vjp(grad(lambda q: summed(q)[0]), params)
+        return lambda v: vjp_fn(v, create_graph=False)[0]  # products not differentiable further, as task_grads
+
     def one(p: Params, vp: Params, xb: Tensor, yb: Tensor) -> Params:
         return jvp(lambda q: grad(lambda r: task_loss(net, loss_fn, r, xb, yb))(q), (p,), (vp,))[1]
 
-    return vmap(one)(params, v, x, y)
+    return lambda v: vmap(one)(params, v, x, y)
+
+
+def hvp(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor, v: TaskParams) -> TaskParams:
+    """One product H_i v_i of :func:`hessian_operator` (d^2 L_i / d phi^2 at ``params``, times ``v`` ``[T, ...]``)."""
+    return hessian_operator(net, loss_fn, params, x, y)(v)
 
 
 @dataclass
@@ -254,11 +298,10 @@ def implicit_meta_grad(
 
         g_i = (I + H_i / lam)^{-1} grad L_i^test(phi_i),   H_i = Hessian of L_i^train at phi_i,
 
-    by :func:`cg` with :func:`hvp` on the support set; never differentiates through the inner solve.
+    by :func:`cg` with :func:`hessian_operator` on the support set; never differentiates through the inner solve.
     """
-    sx, sy = support
-    return cg(lambda v: _axpy(1.0 / lam, hvp(net, loss_fn, phi, sx, sy, v), v),  # (I + H_i/lam) v
-              query_grad, cg_steps, cg_tol)
+    hessian = hessian_operator(net, loss_fn, phi, *support)
+    return cg(lambda v: _axpy(1.0 / lam, hessian(v), v), query_grad, cg_steps, cg_tol)  # (I + H_i/lam) v
 
 
 # --------------------------------------------------------------------------- MAML

@@ -131,7 +131,7 @@ class EpisodicLearner(L.LightningModule):
         scores = self.per_task_scores(outputs, episode)
         for what, values in scores.items():
             metric = self.train_metrics[f"query_{what}"]
-            metric.update(values)
+            metric(values)  # forward, not update: the step value (train/query_*_step) needs its cache
             self.log(f"train/query_{what}", metric, on_step=True, on_epoch=True, prog_bar=what == "acc",
                      batch_size=episode.n_tasks)
         return scores["loss"].mean()
@@ -225,6 +225,9 @@ class MetaLearner(EpisodicLearner):
             raise ValueError(f"task_chunk_size={task_chunk_size} must be >= 1 (or None for the whole meta-batch)")
         self.optimizer_factory, self.lr_scheduler_factory, self.nan_policy = optimizer, lr_scheduler, nan_policy
         self.task_chunk_size = task_chunk_size
+        # read by callbacks (lit_meta.callbacks): the last training step's mean inner-loss curve and ||theta.grad||
+        self.last_inner_curve: Tensor | None = None
+        self.last_meta_grad_norm: Tensor | None = None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -263,13 +266,33 @@ class MetaLearner(EpisodicLearner):
         grad_sum, finite, outputs, info = self.meta_grad_sum(batch)
         self.meta_update(grad_sum, finite)
         loss = self.log_train_metrics(outputs.detach(), batch)
+        self.log("train/meta_grad_norm", self.last_meta_grad_norm, batch_size=batch.n_tasks)
         if "inner_curve" in info:
-            self.log("train/inner_loss_final", info["inner_curve"][-1].mean(), batch_size=batch.n_tasks)
-        if "cg_residual" in info:
-            self.log("train/cg_residual", info["cg_residual"].mean(), batch_size=batch.n_tasks)
+            curve = info["inner_curve"].detach()
+            self.log("train/inner_loss_final", curve[-1].mean(), batch_size=batch.n_tasks)
+            # before any step phi = theta: the proximal term is 0, this is the support loss before adaptation
+            self.log("train/pre_support_loss", curve[0].mean(), batch_size=batch.n_tasks)
+            self.last_inner_curve = curve[:, finite].mean(-1)  # [steps + 1], for callbacks (finite tasks)
+        for key in ("cg_residual", "cg_iterations", "proximal_distance"):
+            if key in info:
+                self.log(f"train/{key}", info[key].float().mean(), batch_size=batch.n_tasks)
+        if self._logging_this_step():  # an extra forward pass: only on the steps the logger records
+            with torch.no_grad():
+                theta = expand_to_tasks({k: v.detach() for k, v in params_of(self.net).items()}, batch.n_tasks)
+                before = self.per_task_scores(self.predict(theta, batch.query_x), batch)
+            for what, values in before.items():
+                self.log(f"train/pre_query_{what}", values.mean(), on_step=True, on_epoch=False,
+                         batch_size=batch.n_tasks)
         if self.nan_policy == "skip":
             self.log("train/skipped_tasks", (~finite).sum().float(), reduce_fx="sum", batch_size=batch.n_tasks)
         return loss
+
+    def _logging_this_step(self) -> bool:
+        """Whether the loggers record this training step (``trainer.log_every_n_steps``)."""
+        try:
+            return bool(self.trainer._logger_connector.should_update_logs)
+        except (AttributeError, RuntimeError, NotImplementedError):
+            return True
 
     def meta_update(self, grad_sum: Params, finite: Tensor) -> None:
         """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step.
@@ -281,6 +304,7 @@ class MetaLearner(EpisodicLearner):
         flat = torch.cat([grad_sum[k].flatten() for k in names] + [finite.sum().view(1).to(grad_sum[names[0]].dtype)])
         flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
         count = flat[-1].clamp(min=1.0)
+        self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-1]).detach() / count  # ||theta.grad||
         optimizer = self.optimizers()
         optimizer.zero_grad()
         params = dict(self.net.named_parameters())
@@ -357,7 +381,9 @@ class IMAML(MetaLearner):
         query_grad, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
         solved = implicit_meta_grad(self.net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
                                     lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol)  # Eq. 6-7
-        return solved.x, outputs, {"inner_curve": curve, "cg_residual": solved.residual}
+        return solved.x, outputs, {"inner_curve": curve, "cg_residual": solved.residual,
+                                   "cg_iterations": torch.full_like(solved.residual, solved.iterations),
+                                   "proximal_distance": _distance(phi, params_of(self.net))}
 
 
 class MAML(MetaLearner):
@@ -406,4 +432,10 @@ class Reptile(MetaLearner):
         phi, curve = inner_solve(self.net, loss_for(episode.support_y), theta, episode.support_x, episode.support_y,
                                  lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)
         grads = {k: theta[k].detach() - phi[k] for k in phi}
-        return grads, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve}
+        return grads, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve,
+                                                                    "proximal_distance": _distance(phi, theta)}
+
+
+def _distance(phi: TaskParams, theta: Params) -> Tensor:
+    """Per-task ``||phi_i - theta||`` over all parameters, ``[T]``."""
+    return torch.stack([(phi[k].detach() - theta[k].detach()).flatten(1).pow(2).sum(1) for k in phi]).sum(0).sqrt()

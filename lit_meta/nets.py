@@ -9,7 +9,8 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import nn
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 
 def _norm(kind: str, channels: int) -> nn.Module:
@@ -65,6 +66,39 @@ class Conv4(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(x).mean(dim=(-2, -1)))
+
+    def forward_tasks(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """Outputs ``[T, B, out_features]`` of T copies of this network, copy t with the weights
+        ``params[name][t]`` (``[T, *shape]``; a parameter missing from ``params`` is shared), on x
+        ``[T, B, C, H, W]``: what ``vmap`` of ``functional_call`` computes (lit_meta.functional uses this
+        instead when a network has it), but with the tasks folded into channels, ``[B, T*C, H, W]``:
+        one grouped convolution (``groups=T``) per layer, BatchNorm/GroupNorm over the T*C channels
+        (per task and channel, as each copy alone), ReLU/max-pool as they are, a batched head. Under
+        ``vmap`` the convolutions' batching rules copy activations between layouts at every layer;
+        here they stay in one layout throughout, and no ``vmap`` is involved, so derivatives of any order
+        (``grad``, ``jvp`` of ``grad``) run on plain kernels. A subclass that changes ``forward`` must change
+        this too (tests/test_functional.py checks it equals the ``vmap`` path).
+        """
+        n_tasks, batch = x.shape[:2]
+        p = {name: params[name] if name in params else w.expand(n_tasks, *w.shape)
+             for name, w in self.named_parameters()}
+        h = x.transpose(0, 1).reshape(batch, n_tasks * x.shape[2], *x.shape[3:])  # task-major channels
+        for i, block in enumerate(self.features):
+            conv, norm = block[0], block[1]
+            w = p[f"features.{i}.0.weight"]
+            h = F.conv2d(h, w.reshape(-1, *w.shape[2:]), p[f"features.{i}.0.bias"].reshape(-1), stride=conv.stride,
+                         padding=conv.padding, groups=n_tasks)
+            if isinstance(norm, nn.BatchNorm2d):  # statistics over (B, H, W) per task and channel
+                h = F.batch_norm(h, None, None, p[f"features.{i}.1.weight"].reshape(-1),
+                                 p[f"features.{i}.1.bias"].reshape(-1), training=True, eps=norm.eps)
+            elif isinstance(norm, nn.GroupNorm):  # a task's groups never straddle two tasks
+                h = F.group_norm(h, n_tasks * norm.num_groups, p[f"features.{i}.1.weight"].reshape(-1),
+                                 p[f"features.{i}.1.bias"].reshape(-1), norm.eps)
+            h = F.relu(h)
+            if len(block) == 4:
+                h = F.max_pool2d(h, 2, ceil_mode=True)
+        features = h.mean(dim=(-2, -1)).view(batch, n_tasks, -1).transpose(0, 1)  # [T, B, hidden]
+        return torch.baddbmm(p["head.bias"].unsqueeze(1), features, p["head.weight"].transpose(1, 2))
 
 
 class MLP(nn.Module):

@@ -8,7 +8,7 @@ from torch.func import functional_call
 
 from lit_meta import MLP, Conv4
 from lit_meta.functional import (cg, expand_to_tasks, hvp, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
-                                 params_of, task_grads_and_outputs)
+                                 params_of, task_grads_and_outputs, task_logits)
 
 
 
@@ -209,3 +209,48 @@ def test_maml_second_order_gradient_equals_learn2learn():
         loss_for(qy)(learner(qx[i]), qy[i]).backward()
     for mine, p in zip(ours, net.parameters()):
         assert torch.allclose(mine, p.grad, rtol=1e-5, atol=1e-10)
+
+
+class Wrapped(nn.Module):
+    """The same Conv4 seen as an arbitrary module (no ``forward_tasks``): the generic ``vmap`` path."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x)
+
+
+@pytest.mark.parametrize("pool, norm", [("stride", "batch"), ("max", "batch"), ("max", "group"), ("stride", "none")])
+def test_conv4_all_tasks_forward_equals_the_generic_vmap_path(pool, norm):
+    torch.manual_seed(0)
+    net = Conv4(out_features=3, hidden=4, pool=pool, norm=norm)
+    generic = Wrapped(net)
+    sx, sy = torch.rand(3, 4, 1, 14, 14), torch.randint(0, 3, (3, 4))
+    qx, qy = torch.rand(3, 5, 1, 14, 14), torch.randint(0, 3, (3, 5))
+    theta = params_of(net)
+    phi = {k: v + 0.1 * torch.randn_like(v) for k, v in expand_to_tasks(theta, 3).items()}
+    v = {k: torch.randn_like(p) for k, p in phi.items()}
+    wrap = lambda d: {f"net.{k}": t for k, t in d.items()}  # noqa: E731
+    unwrap = lambda d: {k[len("net."):]: t for k, t in d.items()}  # noqa: E731
+
+    def close(a, b):
+        for k in b:
+            assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
+
+    assert torch.allclose(task_logits(net, phi, qx), task_logits(generic, wrap(phi), qx), atol=1e-12)
+    fast, generic_out = task_grads_and_outputs(net, loss_for(qy), phi, qx, qy), \
+        task_grads_and_outputs(generic, loss_for(qy), wrap(phi), qx, qy)
+    close(fast[0], unwrap(generic_out[0]))
+    assert torch.allclose(fast[1], generic_out[1]) and torch.allclose(fast[2], generic_out[2])
+    close(hvp(net, loss_for(sy), phi, sx, sy, v), unwrap(hvp(generic, loss_for(sy), wrap(phi), sx, sy, wrap(v))))
+
+    def meta_grad(model, th):  # inner solve -> query gradient -> CG, as IMAML.task_meta_grads
+        p, curve = inner_solve(model, loss_for(sy), th, sx, sy, lam=2.0, inner_steps=3, inner_lr=0.1)
+        qgrad, _, _ = task_grads_and_outputs(model, loss_for(qy), p, qx, qy)
+        return implicit_meta_grad(model, loss_for(sy), p, (sx, sy), qgrad, lam=2.0, cg_steps=3, cg_tol=0.0).x, curve
+
+    (g_fast, c_fast), (g_generic, c_generic) = meta_grad(net, theta), meta_grad(generic, params_of(generic))
+    close(g_fast, unwrap(g_generic))
+    assert torch.allclose(c_fast, c_generic)

@@ -61,6 +61,7 @@ def test_grbal_second_order_meta_gradient_equals_an_autograd_unroll():
     lambda: ReBAL(RecurrentDynamics(1, 2, 32, (32,)), **DIMS),
 ], ids=["GrBAL", "ImplicitGrBAL", "ReBAL"])
 def test_adaptation_lowers_prediction_error_on_a_held_out_task(make, tmp_path):
+    L.seed_everything(0)  # the initial weights too: the result must not depend on the tests run before
     metrics, trainer = fit(make(), drift_data(), tmp_path)
     pre, post = metrics["val/pre_query_loss"], metrics["val/query_loss"]
     assert post < 0.5 * pre, (pre, post)
@@ -82,6 +83,11 @@ def test_mbmpc_trains_on_transitions_and_does_not_adapt(tmp_path):
 def test_model_and_env_sizes_must_match(tmp_path):
     with pytest.raises(ValueError, match="obs_dim=18, action_dim=6 but lit_meta_test/Drift-v0 has observations of size 2"):
         fit(GrBAL(), drift_data(), tmp_path)
+    from lit_meta.rl.control import evaluate
+
+    with pytest.raises(ValueError, match="trained for observations of size 18 and actions of size 6, but "
+                                         "lit_meta_test/Drift-v0 has 2 and 1"):
+        evaluate(GrBAL(), ENV_ID, episodes=1, episode_length=5, n_envs=1)
     with pytest.raises(ValueError, match="exclude_obs_dims"):
         GrBAL(obs_dim=2, action_dim=1, exclude_obs_dims=[5])
     with pytest.raises(ValueError, match="RecurrentDynamics"):
@@ -94,6 +100,7 @@ def test_collect_meta_train_adapt_online_evaluate(tmp_path):
     from lit_meta.rl.control import evaluate
 
     mpc = {"planner": "cem", "horizon": 3, "n_candidates": 32, "planner_kwargs": {"iterations": 2, "n_elites": 4}}
+    L.seed_everything(0)
     model = GrBAL(MLP(1, 2, (32, 32)), inner_steps=1, inner_lr=0.5, mpc=mpc, **{**DIMS, "aggregate_every_n_epochs": 1})
     data = drift_data(rollouts_per_round=4)
     _, trainer = fit(model, data, tmp_path)

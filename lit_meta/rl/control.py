@@ -12,6 +12,7 @@ serves them all.
 from __future__ import annotations
 
 import math
+import time
 from typing import Any, Callable, Literal, Sequence
 
 import gymnasium as gym
@@ -79,6 +80,7 @@ class MPCController:
         self.warm_start = planner in ("cem", "mppi")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
         self.n_nonfinite = 0  # candidates discarded for non-finite predictions, in total
+        self.plan_seconds, self.plan_calls = 0.0, 0  # wall time of adaptation + planning, in total, and calls
         self.reset([seed])
 
     def reset(self, seeds: Sequence[int]) -> None:
@@ -114,6 +116,7 @@ class MPCController:
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray) -> np.ndarray:
+        start = time.perf_counter()
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
         if self.history and len(self.history[-1][0]) != len(obs_t):
             self.reset([0])
@@ -129,7 +132,15 @@ class MPCController:
         self.history.append((obs_t, result.action))
         if len(self.history) > self.past_window:
             self.history.pop(0)
-        return result.action.cpu().numpy()
+        action = result.action.cpu().numpy()
+        self.plan_seconds += time.perf_counter() - start
+        self.plan_calls += 1
+        return action
+
+    @property
+    def ms_per_step(self) -> float:
+        """Mean wall time of one call (adapt + plan for all environments), in milliseconds; NaN before any."""
+        return 1000.0 * self.plan_seconds / self.plan_calls if self.plan_calls else math.nan
 
 
 def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future_window: int) -> dict[str, float]:
@@ -166,13 +177,22 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
 
     Returns a dict: ``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors),
     ``pred_error_pre`` / ``pred_error_post`` (:func:`prediction_errors` on the episodes' windows),
-    ``env_steps`` (taken), ``n_nonfinite`` (planner candidates discarded).
+    ``env_steps`` (taken), ``n_nonfinite`` (planner candidates discarded), ``planner_ms_per_step`` (mean wall
+    time of one controller call: adaptation + planning for all ``n_envs`` environments).
     """
     learner.eval()
     kwargs = {**(env_kwargs or {}), "task_split": task_split}
     reward_fn, termination_fn = env_reward_fns(env_id, kwargs)
     collector = RolloutCollector(env_id, kwargs, n_envs=n_envs)
     try:
+        obs_dim, action_dim = collector.envs.single_observation_space.shape[0], collector.action_low.shape[0]
+        norm = learner.normalizer
+        if (obs_dim, action_dim) != (norm.obs_dim, norm.action_dim):
+            raise ValueError(
+                f"the model (checkpoint) was trained for observations of size {norm.obs_dim} and actions of size "
+                f"{norm.action_dim}, but {env_id} has {obs_dim} and {action_dim}: evaluate it on the env it was "
+                f"trained on (or one with the same spaces)"
+            )
         controller = MPCController(learner, reward_fn, termination_fn, collector.action_low, collector.action_high,
                                    past_window=past_window, adapt=adapt, planner=planner, horizon=horizon,
                                    n_candidates=n_candidates, planner_kwargs=planner_kwargs, seed=seed)
@@ -183,4 +203,5 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
     ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
     return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
             **prediction_errors(learner, rollouts, past_window, future_window),
-            "env_steps": int(sum(r.length for r in rollouts)), "n_nonfinite": controller.n_nonfinite}
+            "env_steps": int(sum(r.length for r in rollouts)), "n_nonfinite": controller.n_nonfinite,
+            "planner_ms_per_step": controller.ms_per_step}

@@ -22,6 +22,7 @@ new round of rollouts with :meth:`DynamicsLearner.policy`.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Callable, Literal, Sequence
 
 import numpy as np
@@ -65,6 +66,7 @@ class DynamicsLearner:
         self.aggregate_every_n_epochs = aggregate_every_n_epochs
         self.mpc = dict(mpc or {})
         self._stats_round = -1
+        self.last_rollout_stats: dict[str, float] | None = None
 
     @staticmethod
     def _default_net(net: nn.Module | None, obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int]) -> nn.Module:
@@ -105,7 +107,11 @@ class DynamicsLearner:
         n, epoch = self.aggregate_every_n_epochs, self.current_epoch
         datamodule = getattr(self.trainer, "datamodule", None)
         if n and epoch > 0 and epoch % n == 0 and hasattr(datamodule, "aggregate"):
-            datamodule.aggregate(self.policy())
+            controller = self.policy()
+            datamodule.aggregate(controller)
+            # read by callbacks (lit_meta.callbacks.DynamicsMonitor): this round's planner cost and NaN candidates
+            self.last_rollout_stats = {"planner_ms_per_step": getattr(controller, "ms_per_step", math.nan),
+                                       "n_nonfinite": float(getattr(controller, "n_nonfinite", 0)), "epoch": epoch}
 
     def policy(self) -> Callable[[np.ndarray], np.ndarray]:
         """The controller that collects the next round of rollouts: online adaptation + MPC with this model."""
