@@ -118,11 +118,11 @@ class MetaLearningMonitor(Callback):
         import wandb
         from lit_meta.episode import Episode
 
-        from lit_meta.functional import params_of
+        from lit_meta.functional import broadcast_to_tasks, params_of
 
         with torch.inference_mode(False), torch.enable_grad():
             task = Episode(*(t.clone() for t in episode))
-            theta = {k: v.detach().expand(1, *v.shape) for k, v in params_of(pl_module.net).items()}
+            theta = broadcast_to_tasks(params_of(pl_module.net), 1)
             pre = pl_module.predict(theta, task.query_x).detach().argmax(-1)[0]
             phi = pl_module.adapt(task.support_x, task.support_y)
             post = pl_module.predict(phi, task.query_x).detach().argmax(-1)[0]

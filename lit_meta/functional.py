@@ -47,9 +47,14 @@ def params_of(net: nn.Module) -> Params:
     return {name: p for name, p in net.named_parameters() if p.requires_grad}
 
 
+def broadcast_to_tasks(params: Params, n_tasks: int) -> TaskParams:
+    """The same ``params`` for every task, as a detached view ``[*shape] -> [T, *shape]`` (no copy: read only)."""
+    return {k: v.detach().expand(n_tasks, *v.shape) for k, v in params.items()}
+
+
 def expand_to_tasks(params: Params, n_tasks: int) -> TaskParams:
     """One independent copy of ``params`` per task: ``[*shape] -> [T, *shape]`` (detached)."""
-    return {k: v.detach().unsqueeze(0).expand(n_tasks, *v.shape).clone() for k, v in params.items()}
+    return {k: v.clone() for k, v in broadcast_to_tasks(params, n_tasks).items()}
 
 
 def task_loss(net: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
@@ -327,6 +332,6 @@ def maml_meta_grads(net: nn.Module, loss_fn: LossFn, theta: Params, support: tup
         out = functional_call(net, phi, (qx,))
         return loss_fn(out, qy), out
 
-    thetas = {k: v.detach().unsqueeze(0).expand(support[0].shape[0], *v.shape) for k, v in theta.items()}
+    thetas = broadcast_to_tasks(theta, support[0].shape[0])
     grads, (losses, outputs) = vmap(grad_and_value(objective, has_aux=True))(thetas, *support, *query)
     return grads, losses, outputs

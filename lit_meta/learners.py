@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import (INNER_SOLVERS, Params, TaskParams, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
+from .functional import (INNER_SOLVERS, Params, TaskParams, broadcast_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
                          params_of, per_task_loss, task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
 
@@ -142,7 +142,7 @@ class EpisodicLearner(L.LightningModule):
         with torch.inference_mode(False), torch.enable_grad():
             episode = Episode(*(t.clone() for t in batch))
             self._check_outputs(episode)
-            theta = {k: v.detach().expand(episode.n_tasks, *v.shape) for k, v in params_of(self.net).items()}
+            theta = broadcast_to_tasks(params_of(self.net), episode.n_tasks)
             before = self.per_task_scores(self.predict(theta, episode.query_x).detach(), episode)
             phi = self.adapt(episode.support_x, episode.support_y)
             after = self.per_task_scores(self.predict(phi, episode.query_x).detach(), episode)
@@ -278,7 +278,7 @@ class MetaLearner(EpisodicLearner):
                 self.log(f"train/{key}", info[key].float().mean(), batch_size=batch.n_tasks)
         if self._logging_this_step():  # an extra forward pass: only on the steps the logger records
             with torch.no_grad():
-                theta = expand_to_tasks({k: v.detach() for k, v in params_of(self.net).items()}, batch.n_tasks)
+                theta = broadcast_to_tasks(params_of(self.net), batch.n_tasks)
                 before = self.per_task_scores(self.predict(theta, batch.query_x), batch)
             for what, values in before.items():
                 self.log(f"train/pre_query_{what}", values.mean(), on_step=True, on_epoch=False,

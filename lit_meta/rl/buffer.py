@@ -127,8 +127,12 @@ class RolloutBuffer:
                 f"no rollout segment in the buffer is as long as a window ({self.window} transitions = past_window "
                 f"+ future_window); collect longer rollouts (rollout_length, change_every) or shorten the windows"
             )
-        start = self.starts[torch.randint(self.n_windows, (n,), generator=generator)]
-        index = (start[:, None] + torch.arange(self.window)).reshape(-1)
+        return self.windows(self.starts[torch.randint(self.n_windows, (n,), generator=generator)], past_window)
+
+    def windows(self, starts: Tensor, past_window: int) -> Window:
+        """The windows beginning at storage indices ``starts`` (valid ones: from :attr:`starts`)."""
+        n = len(starts)
+        index = (starts[:, None] + torch.arange(self.window)).reshape(-1)
         obs, action, next_obs = (self.data(k)[index].view(n, self.window, -1) for k in ("obs", "action", "next_obs"))
         m = past_window
         return Window(obs[:, :m], action[:, :m], next_obs[:, :m], obs[:, m:], action[:, m:], next_obs[:, m:])

@@ -112,7 +112,7 @@ class RolloutCollector:
                             _reason(info, i))
             alive &= ~unstable
             steps.append({"obs": obs, "action": action, "next_obs": next_obs, "reward": reward,
-                          "terminated": terminated, "task_vector": task, "alive": alive.copy()})
+                          "terminated": terminated, "task_vector": task})
             length += alive
             alive &= ~(terminated | truncated)
             if not alive.any():
@@ -122,7 +122,6 @@ class RolloutCollector:
         rollouts = []
         for i in range(n):
             length_i = int(length[i])
-            assert stacked["alive"][:length_i, i].all()
             rollouts.append(Rollout(
                 *(torch.as_tensor(stacked[k][:length_i, i])
                   for k in ("obs", "action", "next_obs", "reward", "terminated", "task_vector")),

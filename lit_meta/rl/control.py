@@ -20,6 +20,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_meta.episode import Window
+from lit_meta.functional import broadcast_to_tasks, mse_loss, params_of, per_task_loss
 from lit_meta.rl import planners
 from lit_meta.rl.buffer import Rollout, RolloutBuffer
 from lit_meta.rl.collect import RolloutCollector
@@ -94,7 +96,7 @@ class MPCController:
         learner = self.learner
         n = len(self.history)
         if not self.adapt_online or n == 0:
-            return {k: v.detach().expand(len(obs), *v.shape) for k, v in learner.net.named_parameters()}
+            return broadcast_to_tasks(params_of(learner.net), len(obs))
         past = self.history[-self.past_window:]
         past_obs = torch.stack([o for o, _ in past], 1)
         past_action = torch.stack([a for _, a in past], 1)
@@ -150,22 +152,14 @@ def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future
     buffer.add(rollouts)
     if not buffer.n_windows:
         return {"pred_error_pre": math.nan, "pred_error_post": math.nan}
-    starts = buffer.starts
-    index = (starts[:, None] + torch.arange(buffer.window)).reshape(-1)
-    n = len(starts)
-    fields = (buffer.data(k)[index].view(n, buffer.window, -1).to(learner.device) for k in ("obs", "action", "next_obs"))
-    obs, action, next_obs = fields
-    m = past_window
-    from lit_meta.episode import Window
-
-    episode = learner.normalizer.episode(Window(obs[:, :m], action[:, :m], next_obs[:, :m], obs[:, m:], action[:, m:],
-                                                next_obs[:, m:]))
-    theta = {k: v.detach().expand(n, *v.shape) for k, v in learner.net.named_parameters()}
+    window = Window(*(t.to(learner.device) for t in buffer.windows(buffer.starts, past_window)))
+    episode = learner.normalizer.episode(window)
+    theta = broadcast_to_tasks(params_of(learner.net), episode.n_tasks)
     with torch.enable_grad():
         phi = {k: v.detach() for k, v in learner.adapt(episode.support_x, episode.support_y).items()}
     with torch.no_grad():
-        pre = ((learner.predict(theta, episode.query_x) - episode.query_y) ** 2).mean()
-        post = ((learner.predict(phi, episode.query_x) - episode.query_y) ** 2).mean()
+        pre, post = (per_task_loss(mse_loss, learner.predict(p, episode.query_x), episode.query_y).mean()
+                     for p in (theta, phi))
     return {"pred_error_pre": float(pre), "pred_error_post": float(post)}
 
 

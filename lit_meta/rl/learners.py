@@ -69,11 +69,17 @@ class DynamicsLearner:
         self.last_rollout_stats: dict[str, float] | None = None
 
     @staticmethod
-    def _default_net(net: nn.Module | None, obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int]) -> nn.Module:
+    def _in_features(obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int]) -> int:
+        """The model's input size: the kept observation dimensions and the action."""
+        return obs_dim - len(set(exclude_obs_dims)) + action_dim
+
+    @classmethod
+    def _default_net(cls, net: nn.Module | None, obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int]
+                     ) -> nn.Module:
         """The paper's 3 x 512 ReLU MLP when no net is given."""
         if net is not None:
             return net
-        return MLP(obs_dim - len(set(exclude_obs_dims)) + action_dim, obs_dim, PAPER_HIDDEN)
+        return MLP(cls._in_features(obs_dim, action_dim, exclude_obs_dims), obs_dim, PAPER_HIDDEN)
 
     # --- hooks -------------------------------------------------------------------------------
     def setup(self, stage: str) -> None:
@@ -122,9 +128,6 @@ class DynamicsLearner:
         collector = data.collector("train")
         return MPCController(self, reward_fn, termination_fn, collector.action_low, collector.action_high,
                              past_window=data.past_window, **self.mpc)
-
-    def _check_outputs(self, episode: Episode) -> None:
-        return  # regression: nothing to check per batch
 
 
 class GrBAL(DynamicsLearner, MAML):
@@ -268,7 +271,7 @@ class ReBAL(SupervisedDynamics):
                  exclude_obs_dims: Sequence[int] = (0,), aggregate_every_n_epochs: int = 1,
                  mpc: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam) -> None:
         if net is None:
-            net = RecurrentDynamics(obs_dim - len(set(exclude_obs_dims)) + action_dim, obs_dim)
+            net = RecurrentDynamics(self._in_features(obs_dim, action_dim, exclude_obs_dims), obs_dim)
         if not isinstance(net, RecurrentDynamics):
             raise ValueError(f"ReBAL needs a lit_meta.rl.RecurrentDynamics net, got {type(net).__name__}")
         super().__init__(net, obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc, optimizer)

@@ -148,7 +148,9 @@ def _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidate
         raise ValueError(f"obs must be a floating tensor, got {obs.dtype}: convert with obs.float()")
     if generator is not None and not isinstance(generator, torch.Generator):
         raise ValueError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    return action_bounds(action_low, action_high, act_dim=act_dim, dtype=obs.dtype, device=obs.device)
+    low, high = action_bounds(action_low, action_high, act_dim=act_dim, dtype=obs.dtype, device=obs.device)
+    unbatched = obs.ndim == 1
+    return (obs.unsqueeze(0) if unbatched else obs), unbatched, low, high
 
 
 def _as_plan(name: str, value, E: int, horizon: int, act_dim: int, like: Tensor, fix: str) -> Tensor:
@@ -178,13 +180,14 @@ def _gaussian(init_mean, std_name: str, init_std, low: Tensor, high: Tensor, E: 
     fix = "pass [E, horizon, act_dim] or [horizon, act_dim] (e.g. shift_plan(result.plan, low, high))"
     mean = (_as_plan("init_mean", init_mean, E, horizon, A, like, fix) if init_mean is not None
             else ((low + high) / 2).expand(E, horizon, A))
+    mean = mean.clamp(low, high).contiguous()
     if init_std is None:
-        return mean, ((high - low) / 4).expand(E, horizon, A)
+        return mean, ((high - low) / 4).expand(E, horizon, A).contiguous()
     std = _as_plan(std_name, init_std, E, horizon, A, like, "pass a scalar or [act_dim] in action units")
     if (std <= 0).any() if strict else (std < 0).any():
         raise ValueError(f"{std_name} must be {'> 0' if strict else '>= 0'}, got min {float(std.min())}: "
                          f"it is the standard deviation of the sampled actions")
-    return mean, std
+    return mean, std.contiguous()
 
 
 def _noise(kind: str, generator: torch.Generator | None, E: int, shape: tuple[int, ...], like: Tensor) -> Tensor:
@@ -299,10 +302,8 @@ def random_shooting(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, hor
         :class:`PlanResult`; ``plan`` is the best candidate, ``expected_return`` its model return.
         The dynamics is called ``horizon`` times, on ``E * n_candidates`` rows each.
     """
-    low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates, action_low,
-                              action_high, act_dim, generator)
-    unbatched = obs.ndim == 1
-    obs = obs.unsqueeze(0) if unbatched else obs
+    obs, unbatched, low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates,
+                                              action_low, action_high, act_dim, generator)
     E, A = obs.shape[0], low.numel()
     with torch.no_grad():
         actions = _noise("uniform", generator, E, (n_candidates, horizon, A), obs)
@@ -340,8 +341,8 @@ def cem(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, horizon: int = 
     Returns:
         :class:`PlanResult` (``n_nonfinite`` summed over the iterations).
     """
-    low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates, action_low,
-                              action_high, act_dim, generator)
+    obs, unbatched, low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates,
+                                              action_low, action_high, act_dim, generator)
     _check_int("iterations", iterations, 1, "run at least one CEM iteration (PETS: 5)")
     _check_int("n_elites", n_elites, 1, "keep at least one elite (PETS: 50)")
     if n_elites > n_candidates:
@@ -349,13 +350,9 @@ def cem(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, horizon: int = 
                          f"candidates; use n_elites <= {n_candidates} (e.g. n_candidates // 10)")
     if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha < 1:
         raise ValueError(f"alpha={alpha!r}: the smoothing weight of the old mean must be in [0, 1) (PETS: 0.1)")
-    unbatched = obs.ndim == 1
-    obs = obs.unsqueeze(0) if unbatched else obs
     E, A = obs.shape[0], low.numel()
     mean, std = _gaussian(init_mean, "init_std", init_std, low, high, E, horizon, obs, strict=False)
     with torch.no_grad():
-        mean = mean.clamp(low, high).contiguous()
-        std = std.contiguous()
         eps = _noise("normal", generator, E, (iterations, n_candidates, horizon, A), obs)
         n_bad = torch.zeros(E, dtype=torch.long, device=obs.device)
         best_ret = torch.full((E,), -math.inf, dtype=obs.dtype, device=obs.device)
@@ -413,16 +410,13 @@ def mppi(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, horizon: int =
         :class:`PlanResult`: ``plan`` is the updated ``U``; ``expected_return`` the weighted mean of the
         last iteration's candidate returns.
     """
-    low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates, action_low,
-                              action_high, act_dim, generator)
+    obs, unbatched, low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates,
+                                              action_low, action_high, act_dim, generator)
     _check_positive("temperature", temperature, "it is lambda of exp(R / lambda), in return units (e.g. 1.0)")
     _check_int("iterations", iterations, 1, "run at least one MPPI update (Williams et al.: 1)")
-    unbatched = obs.ndim == 1
-    obs = obs.unsqueeze(0) if unbatched else obs
     E, A = obs.shape[0], low.numel()
     mean, std = _gaussian(init_mean, "noise_std", noise_std, low, high, E, horizon, obs, strict=True)
     with torch.no_grad():
-        mean = mean.clamp(low, high).contiguous()
         eps = _noise("normal", generator, E, (iterations, n_candidates, horizon, A), obs)
         n_bad = torch.zeros(E, dtype=torch.long, device=obs.device)
         expected = torch.full((E,), -math.inf, dtype=obs.dtype, device=obs.device)
