@@ -10,6 +10,7 @@ state change, on the episodes' own windows), and the environment steps each meth
     python benchmarks/rl_returns.py --quick                                  # smoke: tiny budget, minutes
     python benchmarks/rl_returns.py --episode-length 300 --set --trainer.max_epochs 4   # a smaller budget
     python benchmarks/rl_returns.py --envs halfcheetah_crippled ant_crippled halfcheetah_pier --episodes 10
+    python benchmarks/rl_returns.py --load a.json b.json     # table + plot from earlier --json runs
 
 Writes a table to stdout and a bar chart to docs/rl_returns.png (``--plot``). Runs in the current
 folder's ``logs/``; the trained checkpoints are not kept.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
@@ -42,15 +44,21 @@ QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", 
 
 
 def run(method: str, env: str, args) -> dict:
-    config = REPO / "configs" / f"{method}_{env}.yaml"
+    config = yaml.safe_load((REPO / "configs" / f"{method}_{env}.yaml").read_text())
+    # no checkpoints (not kept); the config's monitors only with --monitors (in-training evaluation costs minutes)
+    config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or []
+                                      if args.monitors and not c["class_path"].endswith("ModelCheckpoint")]
     extra = (QUICK if args.quick else []) + list(args.set)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        cli = cli_main(["fit", "--config", str(config), "--trainer.enable_checkpointing", "false",
+        path = Path(tmp) / "config.yaml"
+        path.write_text(yaml.safe_dump(config))
+        cli = cli_main(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false",
                         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp, *extra])
     train_s = time.perf_counter() - start
     model, data = cli.model, cli.datamodule
-    mpc = {**model.mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {})}
+    mpc = {**model.mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {}),
+           **({"n_candidates": args.eval_candidates} if args.eval_candidates else {})}
     length = 100 if args.quick else args.episode_length
     rows = {}
     for adapt in ([True, False] if method != "mbmpc" else [False]):
@@ -60,7 +68,10 @@ def run(method: str, env: str, args) -> dict:
                           future_window=data.future_window, adapt=adapt, seed=1234, **mpc)
         result["eval_s"] = time.perf_counter() - start
         rows["adapt" if adapt else "no_adapt"] = result
-    return {"train_env_steps": len(data.buffer), "train_s": train_s, **rows}
+        print(f"{env} {method} adapt={adapt}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
+              f"pred error {result['pred_error_pre']:.4f} -> {result['pred_error_post']:.4f}, "
+              f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
+    return {"train_env_steps": len(data.buffer), "train_s": train_s, "mpc": mpc, **rows}
 
 
 def main() -> None:
@@ -74,15 +85,32 @@ def main() -> None:
                         help="train.py overrides for every config, last on the line, e.g. --set "
                              "--model.init_args.mpc '{\"n_candidates\": 200}' --trainer.max_epochs 4")
     parser.add_argument("--plot", default=None, help="bar chart (default docs/rl_returns.png; a temp file with --quick)")
-    parser.add_argument("--json", default=None, help="also write the results here")
+    parser.add_argument("--json", default=None, help="also write the results here (after each env)")
+    parser.add_argument("--load", nargs="+", default=None, help="only print and plot these --json files, merged")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--eval-candidates", type=int, default=None,
+                        help="planner candidates at evaluation (default: the config's mpc.n_candidates)")
+    parser.add_argument("--monitors", action="store_true",
+                        help="keep the configs' callbacks (DynamicsMonitor evaluates during training: slower)")
     args = parser.parse_args()
     if args.quick:
         args.episodes = min(args.episodes, 2)
-    torch.set_num_threads(torch.get_num_threads())
+    if args.threads:
+        torch.set_num_threads(args.threads)
     print(machine_line())
-    results = {env: {m: run(m, env, args) for m in args.methods} for env in args.envs}
+    if args.load:
+        results = {}
+        for path in args.load:
+            for env, by_method in json.loads(Path(path).read_text()).items():
+                results.setdefault(env, {}).update(by_method)
+    else:
+        results = {}
+        for env in args.envs:
+            results[env] = {m: run(m, env, args) for m in args.methods}
+            if args.json:
+                Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"{'env':<22} {'method':<8} {'adapt':<5} {'return':>18} {'pred err pre':>13} {'post':>8} "
-          f"{'train steps':>11} {'train s':>8} {'eval s':>7}")
+          f"{'train steps':>11} {'train s':>8} {'eval s':>7} {'ms/step':>8}")
     for env, by_method in results.items():
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
@@ -91,9 +119,8 @@ def main() -> None:
                 e = r[arm]
                 print(f"{env:<22} {method:<8} {'yes' if arm == 'adapt' else 'no':<5} "
                       f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
-                      f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f}")
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=1))
+                      f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f} "
+                      f"{e['planner_ms_per_step']:>8.0f}")
     plot = Path(args.plot) if args.plot else (Path(tempfile.gettempdir()) / "rl_returns.png" if args.quick
                                               else REPO / "docs" / "rl_returns.png")
     import matplotlib

@@ -5,10 +5,10 @@ from .learn2learn import Learn2LearnDataModule
 from .miniimagenet import MiniImageNetDataModule
 from .omniglot import OmniglotDataModule
 from .sinusoid import SinusoidDataModule, SinusoidTasks
-from .sampler import ClassImageTasks, EpisodeDataset, EpisodeSampler, episode_generator
+from .sampler import ClassImageTasks, EpisodeDataset, EpisodeLoader, EpisodeSampler, episode_generator
 
 __all__ = ["EpisodicDataModule", "ClassImageDataModule", "OmniglotDataModule", "MiniImageNetDataModule", "Learn2LearnDataModule", "RolloutDataModule", "SinusoidDataModule", "SinusoidTasks",
-           "ClassImageTasks", "EpisodeDataset", "EpisodeSampler", "episode_generator"]
+           "ClassImageTasks", "EpisodeDataset", "EpisodeLoader", "EpisodeSampler", "episode_generator"]
 
 
 def __getattr__(name: str):

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 
 from torch import Tensor
 
-from .sampler import SPLITS, ClassImageTasks, EpisodeDataset, EpisodeSampler, TaskSource
+from .sampler import SPLITS, ClassImageTasks, EpisodeDataset, EpisodeLoader, EpisodeSampler, TaskSource
 
 
 def require_positive(**values: int) -> None:
@@ -77,8 +77,10 @@ class EpisodicDataModule(L.LightningDataModule):
         dataset = self.dataset(split)
         # Pinned host memory makes the uint8 -> GPU copy asynchronous; only worth it when a GPU trains.
         on_cuda = self.trainer is not None and self.trainer.strategy.root_device.type == "cuda"
-        return DataLoader(dataset, batch_size=None, sampler=EpisodeSampler(len(dataset), fixed=split != "train"),
-                          num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=on_cuda)
+        kwargs = dict(num_workers=self.num_workers, persistent_workers=self.num_workers > 0, pin_memory=on_cuda)
+        if split == "train":  # resumable mid-epoch; validation/test always run whole
+            return EpisodeLoader(dataset, EpisodeSampler(len(dataset)), **kwargs)
+        return DataLoader(dataset, batch_size=None, sampler=EpisodeSampler(len(dataset), fixed=True), **kwargs)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

@@ -59,13 +59,26 @@ def download(url: str, dest: Path, md5: str) -> Path:
 
 
 def atomic_torch_save(obj: Any, path: Path) -> None:
-    """``torch.save`` to a temporary file, then rename: a reader never sees a half-written file."""
+    """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a reader
+    (or a process killed at any moment) sees the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        torch.save(obj, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def check_archive_members(names: list[str], archive: Path) -> None:
+    """Refuse an archive with an entry that would land outside the folder it is read or extracted into
+    (an absolute path, a drive, or a ``..`` component: "zip slip")."""
+    for name in names:
+        parts = name.replace("\\", "/").split("/")
+        if name.startswith(("/", "\\")) or ".." in parts or (len(parts[0]) > 1 and parts[0][1] == ":"):
+            raise ValueError(f"{archive} has an unsafe entry {name!r} (absolute or with '..': it would escape the "
+                             f"target folder); refusing the archive: replace it with the official file")

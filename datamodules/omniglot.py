@@ -21,7 +21,7 @@ from PIL import Image
 from torch import Tensor
 
 from .episodic import ClassImageDataModule, require_positive
-from .files import atomic_torch_save, data_root, default_cache_dir, download
+from .files import atomic_torch_save, check_archive_members, data_root, default_cache_dir, download
 
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 FULL = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
@@ -44,10 +44,16 @@ def find_zips(data_dir: Path, variant: str) -> list[Path] | None:
 
 def _open_zip(path: Path) -> zipfile.ZipFile:
     try:
-        return zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as e:
         raise ValueError(f"{path} is not a readable zip archive ({e}); it may be truncated or corrupt: "
                          f"replace it with a fresh copy of the official file") from e
+    try:
+        check_archive_members(archive.namelist(), path)  # images are read in place, never extracted; still refuse
+    except ValueError:
+        archive.close()
+        raise
+    return archive
 
 
 def decode_zips(zips: list[Path], image_size: int) -> dict:

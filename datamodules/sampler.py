@@ -12,12 +12,12 @@ How a meta-batch is made:
 
 from __future__ import annotations
 
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import Dataset, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from lit_meta.episode import Episode
 
@@ -101,13 +101,52 @@ class EpisodeSampler(DistributedSampler):
         self.n_steps, self.fixed = n_steps, fixed
         self.epoch = 0
         self.shuffle = not fixed  # what Lightning reads to tell a shuffled loader
+        self.start = 0  # first step of the epoch being iterated (> 0 only when resuming mid-epoch)
+        self._resume: tuple[int, int] | None = None
+
+    def resume(self, epoch: int, step: int) -> None:
+        """Make the next iteration start at ``step`` if it is of ``epoch`` (a mid-epoch checkpoint's position)."""
+        self._resume = (epoch, step)
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         epoch = 0 if self.fixed else self.epoch
-        return iter([(epoch, step) for step in range(self.n_steps)])
+        resume, self._resume = self._resume, None
+        self.start = resume[1] if resume is not None and resume[0] == epoch and 0 < resume[1] < self.n_steps else 0
+        return iter([(epoch, step) for step in range(self.start, self.n_steps)])
 
     def __len__(self) -> int:
         return self.n_steps
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
+
+
+class EpisodeLoader(DataLoader):
+    """The training DataLoader over :class:`EpisodeSampler` keys; resumable mid-epoch.
+
+    Lightning stores ``state_dict()`` in every checkpoint (it does so for any loader with
+    ``state_dict``/``load_state_dict``) and hands it back on resume: the position is (epoch, meta-batches
+    served), so a run resumed from a mid-epoch checkpoint continues with the next meta-batch, exactly as
+    the uninterrupted run would. Counted where batches leave the loader, so worker prefetching does not
+    shift it.
+    """
+
+    def __init__(self, dataset: EpisodeDataset, sampler: EpisodeSampler, **kwargs: Any) -> None:
+        super().__init__(dataset, batch_size=None, sampler=sampler, **kwargs)
+        self._position = (0, 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        # A generator: the sampler is iterated at the first ``next``, after Lightning's ``set_epoch`` (Lightning
+        # calls ``iter`` on the loader before it sets the epoch of a resumed run).
+        served = None
+        for batch in super().__iter__():
+            served = self.sampler.start + 1 if served is None else served + 1
+            self._position = (self.sampler.epoch, served)
+            yield batch
+
+    def state_dict(self) -> dict[str, int]:
+        epoch, served = self._position
+        return {"epoch": epoch, "served": served}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.sampler.resume(int(state["epoch"]), int(state["served"]))

@@ -33,9 +33,10 @@ class Episode(NamedTuple):
 
 
 def to_float(episode: Episode) -> Episode:
-    """Convert uint8 images to float32 in [0, 1] (on whatever device the episode is on)."""
+    """Convert uint8 images to floats in [0, 1] of the default dtype (float32 unless set otherwise), on whatever
+    device the episode is on."""
     def conv(t: Tensor) -> Tensor:
-        return t.float().div_(255.0) if t.dtype == torch.uint8 else t
+        return t.to(torch.get_default_dtype()).div_(255.0) if t.dtype == torch.uint8 else t
 
     return Episode(conv(episode.support_x), episode.support_y, conv(episode.query_x), episode.query_y)
 

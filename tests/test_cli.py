@@ -92,7 +92,8 @@ def test_a_users_own_module_by_import_path(tmp_path, monkeypatch):
 def _train_losses(seed: int) -> list[float]:
     cli = main(["--config", str(REPO / "configs" / "baseline_sinusoid.yaml"), "--seed_everything", str(seed),
                 "--trainer.limit_train_batches", "3", "--trainer.limit_val_batches", "0", "--trainer.logger", "false",
-                "--trainer.enable_checkpointing", "false", "--model.init_args.net.init_args.hidden", "[8]"],
+                "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+                "--model.init_args.net.init_args.hidden", "[8]"],
                run=False)
     losses = []
     original = cli.model.log_train_metrics

@@ -67,12 +67,13 @@ def test_imaml_learns_omniglot_5way_1shot(omniglot_dir, tmp_path):
     assert metrics["val/query_acc_ci95"] > 0
 
 
-def test_two_ddp_processes_give_the_parameters_of_one(tmp_path):
+@pytest.mark.parametrize("task", ["sinusoid", "omniglot"])  # the vmap path (MLP) and the task-folded Conv4 path
+def test_two_ddp_processes_give_the_parameters_of_one(tmp_path, task):
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     results = {}
     for devices in (1, 2):
         out = tmp_path / f"theta{devices}.pt"
-        run = subprocess.run([sys.executable, str(HERE / "ddp_imaml.py"), str(out), str(devices)], env=env,
+        run = subprocess.run([sys.executable, str(HERE / "ddp_imaml.py"), str(out), str(devices), task], env=env,
                              cwd=tmp_path, timeout=300, capture_output=True, text=True)
         assert run.returncode == 0, run.stderr[-4000:]
         results[devices] = torch.load(out)

@@ -156,6 +156,20 @@ def test_unreadable_png(omniglot_dir, tmp_path):
         dm.prepare_data()
 
 
+@pytest.mark.parametrize("evil", ["../../outside.png", "/etc/outside.png", "images_background_small2/../../x/y.png",
+                                  "C:/outside.png"])
+def test_archive_with_an_entry_escaping_the_folder_is_refused(omniglot_dir, tmp_path, evil):
+    data = tmp_path / "data"
+    _copy_minimal(omniglot_dir, data)
+    path = data / "images_background_small2.zip"
+    with zipfile.ZipFile(path, "a") as dst:
+        dst.writestr(evil, b"x")
+    dm = OmniglotDataModule(data_dir=str(data), cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match=r"images_background_small2\.zip has an unsafe entry .*escape the target folder"):
+        dm.prepare_data()
+    assert path.exists() and not (tmp_path / "outside.png").exists()
+
+
 def test_n_way_larger_than_split(omniglot_dir, tmp_path):
     dm = OmniglotDataModule(data_dir=str(omniglot_dir), cache_dir=str(tmp_path), n_way=100)
     with pytest.raises(ValueError, match=r"n_way=100 is larger than the 60 classes of the 'val' split; use n_way <= 60"):

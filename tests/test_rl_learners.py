@@ -112,6 +112,15 @@ def test_collect_meta_train_adapt_online_evaluate(tmp_path):
     assert len(result["returns"]) == 3 and result["env_steps"] == 90 and result["n_nonfinite"] == 0
     assert result["pred_error_post"] < 0.5 * result["pred_error_pre"]
     assert np.isfinite(result["returns"]).all()
+    # the prediction errors are adapted chunk by chunk (memory): any chunk size gives the same means
+    from lit_meta.rl.collect import RolloutCollector
+    from lit_meta.rl.control import prediction_errors
+
+    collector = RolloutCollector(ENV_ID, {"task_split": "test"}, n_envs=2)
+    rollouts = collector.collect(collector.random_policy(), 0, 0, range(2), 40)
+    collector.close()
+    whole = prediction_errors(model, rollouts, 8, 8, chunk_size=10_000)
+    assert prediction_errors(model, rollouts, 8, 8, chunk_size=7) == pytest.approx(whole, rel=1e-6)
 
 
 def test_env_without_reward_fn_is_refused():

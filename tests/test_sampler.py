@@ -94,3 +94,36 @@ def test_meta_batch_must_divide_over_ranks():
 def test_images_must_be_5d():
     with pytest.raises(ValueError, match=r"\[n_classes, n_samples, C, H, W\]"):
         ClassImageTasks(torch.zeros(3, 4, 5, dtype=torch.uint8), 2, 1, 1)
+
+
+class _Keys(torch.utils.data.Dataset):
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, key):
+        return key
+
+
+@settings(max_examples=30, deadline=None)
+@given(n_steps=st.integers(1, 12), epoch=st.integers(0, 5), stop=st.integers(0, 12))
+def test_episode_loader_resumes_where_its_state_says(n_steps, epoch, stop):
+    from lit_meta.datamodules.sampler import EpisodeLoader
+
+    stop = min(stop, n_steps)
+    first = EpisodeLoader(_Keys(), EpisodeSampler(n_steps))
+    first.sampler.set_epoch(epoch)
+    iterator = iter(first)
+    served = [tuple(next(iterator)) for _ in range(stop)]  # the batches a killed run had trained on
+    state = first.state_dict() if served else {"epoch": epoch, "served": 0}
+    resumed = EpisodeLoader(_Keys(), EpisodeSampler(n_steps))
+    resumed.load_state_dict(state)
+    resumed.sampler.set_epoch(epoch)  # what Lightning does after restoring, before the first batch
+    rest = [tuple(key) for key in resumed]
+    if stop == n_steps:  # a finished epoch: the next iteration is a whole epoch
+        assert rest == [(epoch, s) for s in range(n_steps)]
+    else:
+        assert served + rest == [(epoch, s) for s in range(n_steps)]
+    other_epoch = EpisodeLoader(_Keys(), EpisodeSampler(n_steps))
+    other_epoch.load_state_dict(state)
+    other_epoch.sampler.set_epoch(epoch + 1)  # a state from another epoch never skips batches
+    assert len(list(other_epoch)) == n_steps

@@ -145,22 +145,28 @@ class MPCController:
         return 1000.0 * self.plan_seconds / self.plan_calls if self.plan_calls else math.nan
 
 
-def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future_window: int) -> dict[str, float]:
+def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future_window: int,
+                      chunk_size: int = 64) -> dict[str, float]:
     """Mean K-step (one step ahead) prediction error of the normalised state change on every window of the
-    rollouts, without and with adaptation on the window's M past transitions."""
+    rollouts, without and with adaptation on the window's M past transitions. Windows are adapted
+    ``chunk_size`` at a time (each adapted window holds a copy of the parameters: 64 x the 3 x 512 MLP is
+    ~140 MB)."""
     buffer = RolloutBuffer(capacity=max(sum(r.length for r in rollouts), 1), window=past_window + future_window)
     buffer.add(rollouts)
     if not buffer.n_windows:
         return {"pred_error_pre": math.nan, "pred_error_post": math.nan}
-    window = Window(*(t.to(learner.device) for t in buffer.windows(buffer.starts, past_window)))
-    episode = learner.normalizer.episode(window)
-    theta = broadcast_to_tasks(params_of(learner.net), episode.n_tasks)
-    with torch.enable_grad():
-        phi = {k: v.detach() for k, v in learner.adapt(episode.support_x, episode.support_y).items()}
-    with torch.no_grad():
-        pre, post = (per_task_loss(mse_loss, learner.predict(p, episode.query_x), episode.query_y).mean()
-                     for p in (theta, phi))
-    return {"pred_error_pre": float(pre), "pred_error_post": float(post)}
+    totals = torch.zeros(2, dtype=torch.float64)
+    for starts in buffer.starts.split(chunk_size):
+        window = Window(*(t.to(learner.device) for t in buffer.windows(starts, past_window)))
+        episode = learner.normalizer.episode(window)
+        theta = broadcast_to_tasks(params_of(learner.net), episode.n_tasks)
+        with torch.enable_grad():
+            phi = {k: v.detach() for k, v in learner.adapt(episode.support_x, episode.support_y).items()}
+        with torch.no_grad():
+            for i, p in enumerate((theta, phi)):
+                totals[i] += per_task_loss(mse_loss, learner.predict(p, episode.query_x), episode.query_y).sum().cpu()
+    pre, post = (totals / buffer.n_windows).tolist()
+    return {"pred_error_pre": pre, "pred_error_post": post}
 
 
 def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10, episode_length: int = 1000,

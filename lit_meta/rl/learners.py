@@ -112,7 +112,9 @@ class DynamicsLearner:
     def on_train_epoch_start(self) -> None:
         n, epoch = self.aggregate_every_n_epochs, self.current_epoch
         datamodule = getattr(self.trainer, "datamodule", None)
-        if n and epoch > 0 and epoch % n == 0 and hasattr(datamodule, "aggregate"):
+        # round r (r >= 1) is collected at epoch r * n; a run restored from a checkpoint written after this epoch's
+        # round (e.g. in on_train_epoch_start) has it already in its restored buffer: do not collect it twice
+        if n and epoch > 0 and epoch % n == 0 and hasattr(datamodule, "aggregate") and datamodule.round <= epoch // n:
             controller = self.policy()
             datamodule.aggregate(controller)
             # read by callbacks (lit_meta.callbacks.DynamicsMonitor): this round's planner cost and NaN candidates
