@@ -1,0 +1,48 @@
+"""Every benchmark script runs from a fresh install at its smoke size (the figures mean nothing here: only that the
+script works end to end, prints its machine line and writes its plot outside docs/)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def smoke_args(tmp: Path) -> dict[str, list[str]]:
+    plot = ["--plot", str(tmp / "plot.png")]
+    return {
+        "accuracy_budget": ["--quick", "--methods", "iMAML-GD", "MAML", "fine-tune", *plot],
+        "callback_overhead": ["--quick"],
+        "cg_fidelity": ["--quick", *plot],
+        "env_steps": ["--quick", "--seconds", "0.05", *plot],
+        "memory_vs_inner_steps": ["--steps", "2,3", "--maml-max-steps", "2", *plot],
+        "meta_throughput": ["--quick", *plot],
+        "planning": ["--quick", *plot],
+        "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "--plot", str(tmp / "plot.png")],
+        "scaling": ["--quick", *plot],
+        "soak_ddp": ["--minutes", "0.4", "--sample-s", "8", "--warmup-min", "0.1", "--compare-steps", "5",
+                     "--out", str(tmp / "soak"), *plot],
+        "task_assembly": [*plot],
+        "window_sampling": ["--quick", "--sizes", "10000"],
+    }
+
+
+def test_every_script_has_a_smoke_run(tmp_path):
+    scripts = {p.stem for p in (REPO / "benchmarks").glob("*.py")} - {"common"}
+    assert scripts == set(smoke_args(tmp_path)), "add the new benchmark's smoke arguments here"
+
+
+@pytest.mark.parametrize("script", sorted(smoke_args(Path("/tmp"))))
+def test_benchmark_runs(script, tmp_path):
+    docs = {p.name: p.stat().st_mtime_ns for p in (REPO / "docs").glob("*.png")}
+    env = {**os.environ, "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
+    run = subprocess.run([sys.executable, f"benchmarks/{script}.py", *smoke_args(tmp_path)[script]], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    assert " cores | python " in run.stdout  # the machine line beside the figures
+    assert {p.name: p.stat().st_mtime_ns for p in (REPO / "docs").glob("*.png")} == docs, "a smoke run wrote docs/"
