@@ -138,9 +138,10 @@ class EpisodeLoader(DataLoader):
     def __iter__(self) -> Iterator[Any]:
         # A generator: the sampler is iterated at the first ``next``, after Lightning's ``set_epoch`` (Lightning
         # calls ``iter`` on the loader before it sets the epoch of a resumed run).
-        served = None
-        for batch in super().__iter__():
-            served = self.sampler.start + 1 if served is None else served + 1
+        iterator = super().__iter__()  # iterates the sampler: its epoch and start are set from here on
+        served = self.sampler.start
+        for batch in iterator:
+            served += 1
             self._position = (self.sampler.epoch, served)
             yield batch
 

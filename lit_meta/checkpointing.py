@@ -79,15 +79,11 @@ class PreemptionCheckpoint(Callback):
     Under DDP every rank takes part in the save (Lightning broadcasts the signal), rank 0 writes.
     """
 
-    def __init__(self) -> None:
-        self.saved_at: int | None = None
-
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.received_sigterm and self.saved_at != trainer.global_step:
+        if trainer.received_sigterm:  # Lightning raises right after this hook: one save per run
             path = last_checkpoint_path(trainer)
             trainer.save_checkpoint(path)
-            self.saved_at = trainer.global_step
             if trainer.is_global_zero:
                 log.warning("SIGTERM received: saved %s at step %d; the run stops now. Resume with "
                             "`train.py fit ... --ckpt_path last` (or ckpt_path=%r)", path, trainer.global_step, str(path))
