@@ -36,6 +36,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
+from lit_meta.allocator import keep_freed_memory  # noqa: E402
 from lit_meta.cli import main as cli_main  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -103,7 +104,7 @@ def main() -> None:
     import logging
 
     logging.getLogger("lightning.pytorch").setLevel(logging.WARNING)
-    print(machine_line())
+    print(machine_line(malloc_kept=keep_freed_memory()))
     print(f"Omniglot (minimal, 242 characters) {args.ways}-way {args.shots}-shot, alphabet split, Conv-4 "
           f"{args.hidden} ch, {args.steps} meta-updates x {args.meta_batch} tasks each, {args.episodes} test episodes")
     results = {}

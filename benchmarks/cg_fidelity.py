@@ -33,6 +33,7 @@ from torch.func import functional_call
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
+from lit_meta.allocator import keep_freed_memory  # noqa: E402
 from lit_meta import MLP, Conv4  # noqa: E402
 from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, params_of, task_grads_and_outputs  # noqa: E402
 
@@ -132,7 +133,7 @@ def main() -> None:
     n_tasks, conv_hidden = (2, 2) if args.quick else ((8, 4) if args.full else (4, 2))
     if args.quick:
         lams, steps = [0.5, 2.0], [1, 5, 20]
-    print(machine_line())
+    print(machine_line(malloc_kept=keep_freed_memory()))
 
     torch.set_default_dtype(torch.float64)
     torch.manual_seed(0)

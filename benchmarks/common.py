@@ -9,7 +9,9 @@ import platform
 import torch
 
 
-def machine_line() -> str:
+def machine_line(malloc_kept: bool | None = None) -> str:
+    """One line: date, CPU, cores, versions, torch threads, and (``malloc_kept`` not None) whether the script
+    called :func:`lit_meta.allocator.keep_freed_memory` with success, as ``train.py`` does."""
     import lightning
 
     cpu = platform.processor() or platform.machine()
@@ -19,4 +21,5 @@ def machine_line() -> str:
     except (OSError, StopIteration):
         pass
     return (f"{datetime.date.today()} | {cpu} | {os.cpu_count()} cores | python {platform.python_version()} | "
-            f"torch {torch.__version__} | lightning {lightning.__version__} | torch threads {torch.get_num_threads()}")
+            f"torch {torch.__version__} | lightning {lightning.__version__} | torch threads {torch.get_num_threads()}"
+            + ("" if malloc_kept is None else f" | malloc keeps freed memory: {'yes' if malloc_kept else 'no'}"))

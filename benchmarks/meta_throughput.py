@@ -58,6 +58,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lit_meta.allocator import keep_freed_memory  # noqa: E402
 from lit_meta.datamodules import OmniglotDataModule
 from lit_meta.episode import Episode, to_float
 from lit_meta.functional import (Params, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of,
@@ -422,7 +423,7 @@ def main() -> None:
     data = Path(args.data_dir or Path(os.environ.get("LIT_META_DATA", REPO.parent / "shared" / "data")) / "omniglot")
 
     torch.set_num_threads(args.threads[0])  # so that the machine line names the first table's thread count
-    print(machine_line())
+    print(machine_line(malloc_kept=keep_freed_memory()))
     if args.quick:
         print("--quick: tiny sizes for a smoke test; its tasks/s and the target checks mean nothing")
     print(f"methods: {', '.join(methods)}; repeats {repeats} after 1 warm-up; inner lr {settings[0].inner_lr}, "

@@ -328,8 +328,10 @@ def main() -> None:
 
     import torch
 
+    from lit_meta.allocator import keep_freed_memory
+
     gpus = 0 if args.no_gpu or not torch.cuda.is_available() else torch.cuda.device_count()
-    line = machine_line()
+    line = machine_line(malloc_kept=keep_freed_memory())
     print(line)
     load = os.getloadavg()[0]
     if load > 0.5:

@@ -14,6 +14,7 @@ import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
+from lit_meta.allocator import keep_freed_memory
 from lit_meta.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, RNGStateCheckpoint, check_checkpoint
 
 
@@ -35,7 +36,9 @@ class LitMetaCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
-    """Run the CLI (``fit``, ``validate``, ``test``, ``--print_config``) on ``args`` (default: sys.argv)."""
+    """Run the CLI (``fit``, ``validate``, ``test``, ``--print_config``) on ``args`` (default: sys.argv), with
+    freed memory kept in the process (:func:`lit_meta.allocator.keep_freed_memory`)."""
+    keep_freed_memory()
     return LitMetaCLI(
         L.LightningModule,
         L.LightningDataModule,

@@ -222,10 +222,15 @@ class Wrapped(nn.Module):
         return self.net(x)
 
 
-@pytest.mark.parametrize("pool, norm", [("stride", "batch"), ("max", "batch"), ("max", "group"), ("stride", "none")])
+@pytest.mark.parametrize("pool, norm", [("stride", "batch"), ("max", "batch"), ("max", "group"), ("stride", "none"),
+                                        ("max", "none")])
 def test_conv4_all_tasks_forward_equals_the_generic_vmap_path(pool, norm):
     torch.manual_seed(0)
     net = Conv4(out_features=3, hidden=4, pool=pool, norm=norm)
+    with torch.no_grad():  # norm scales of both signs: the max-pool blocks' rewrite flips the channels with gamma < 0
+        for m in net.modules():
+            if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
+                m.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -1.2]))
     generic = Wrapped(net)
     sx, sy = torch.rand(3, 4, 1, 14, 14), torch.randint(0, 3, (3, 4))
     qx, qy = torch.rand(3, 5, 1, 14, 14), torch.randint(0, 3, (3, 5))
@@ -254,3 +259,17 @@ def test_conv4_all_tasks_forward_equals_the_generic_vmap_path(pool, norm):
     (g_fast, c_fast), (g_generic, c_generic) = meta_grad(net, theta), meta_grad(generic, params_of(generic))
     close(g_fast, unwrap(g_generic))
     assert torch.allclose(c_fast, c_generic)
+
+
+def test_channel_stats_match_var_mean_with_first_second_and_forward_mode_derivatives():
+    """The max-pool blocks' BatchNorm statistics (one pass of sums, hand-written backward and jvp) against
+    ``torch.var_mean`` and finite differences, float64, including the double backward Hessian products use."""
+    from lit_meta.nets import _ChannelStats
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4, 5, 5) * 2 + 1).requires_grad_()
+    mean, var = _ChannelStats.apply(x)
+    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
+    assert torch.allclose(mean, ref_mean, atol=1e-13) and torch.allclose(var, ref_var, atol=1e-13)
+    assert torch.autograd.gradcheck(_ChannelStats.apply, (x,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(_ChannelStats.apply, (x,))
