@@ -32,7 +32,7 @@ tasks/s; a WARNING line is printed for each missed target.
 
     python benchmarks/meta_throughput.py                       # 5w1s, 16 inner steps, current threads
     python benchmarks/meta_throughput.py --threads 1 2 4 --repeats 5
-    python benchmarks/meta_throughput.py --full                # + 20w1s with 25 inner steps
+    python benchmarks/meta_throughput.py --full                # + 20w1s, 25 inner steps, meta-batch 16
     python benchmarks/meta_throughput.py --methods "ours iMAML-GD,loop iMAML (reference-style)"
     python benchmarks/meta_throughput.py --quick               # smoke test: 2 tasks, 2 steps, hidden 8
 
@@ -89,6 +89,7 @@ class Setting:
     cg_tol: float = 1e-10  # IMAML's default
     hidden: int = 64
     l2l_steps: int | None = None  # None: inner_steps
+    maml_task_chunk: int | None = None  # ours MAML on this many tasks at a time (MAML's task_chunk_size); None: all
 
     @property
     def name(self) -> str:
@@ -115,10 +116,16 @@ def ours_imaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
 
 
 def ours_maml(net: nn.Module, ep: Episode, s: Setting) -> Params:
-    """Second-order MAML batched over tasks (mirrors ``MAML.task_meta_grads``)."""
-    grads, _, _ = maml_meta_grads(net, loss_for(ep.query_y), params_of(net), (ep.support_x, ep.support_y),
-                                  (ep.query_x, ep.query_y), s.inner_steps, s.inner_lr)
-    return {k: g.mean(0) for k, g in grads.items()}
+    """Second-order MAML batched over tasks (mirrors ``MAML.task_meta_grads``), ``s.maml_task_chunk`` tasks at a
+    time when set (as ``MAML(task_chunk_size=...)``: its memory grows with tasks x inner steps)."""
+    chunk = s.maml_task_chunk or ep.n_tasks
+    total: Params = {}
+    for start in range(0, ep.n_tasks, chunk):
+        part = Episode(*(t[start:start + chunk] for t in ep))
+        grads, _, _ = maml_meta_grads(net, loss_for(part.query_y), params_of(net), (part.support_x, part.support_y),
+                                      (part.query_x, part.query_y), s.inner_steps, s.inner_lr)
+        total = {k: g.sum(0) + total.get(k, 0) for k, g in grads.items()}
+    return {k: g / ep.n_tasks for k, g in total.items()}
 
 
 def ours_fomaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
@@ -248,8 +255,8 @@ def guard(base: nn.Module, ep: Episode, s: Setting, variant: str, methods: list[
             continue
         # in float64: in float32 BatchNorm over 5 images amplifies rounding differences between kernels
         # (and 16 inner steps compound them) to ~1e-3 relative, which says nothing about the algorithm
-        # (on the first 4 tasks: second-order MAML in float64 on 32 tasks needs > 24 GiB)
-        ep64 = Episode(*((t.double() if t.is_floating_point() else t)[:4] for t in ep))
+        # (on the first 2 tasks: second-order MAML in float64 on 32 tasks, or 20-way on 4, needs > 24 GiB)
+        ep64 = Episode(*((t.double() if t.is_floating_point() else t)[:2] for t in ep))
         err = relative_error(METHODS[ours](copy.deepcopy(base).double(), ep64, s),
                              METHODS[ref](copy.deepcopy(base).double(), ep64, s))
         ok = err < GUARD_TOL
@@ -298,6 +305,8 @@ def ratio(results: dict[tuple[str, str], float], variant: str, method: str, ref:
 def print_table(s: Setting, threads: int, methods: list[str], results: dict[tuple[str, str], float]) -> list[str]:
     """The table of one (thread count, setting); returns the warnings of missed targets."""
     l2l_note = "" if s.l2l_inner_steps == s.inner_steps else f", learn2learn {s.l2l_inner_steps} steps"
+    if s.maml_task_chunk:
+        l2l_note += f", our MAML {s.maml_task_chunk} tasks at a time"
     print(f"\n{s.name}, {s.k_query} queries/class, meta-batch {s.meta_batch}, {s.inner_steps} inner steps{l2l_note}, "
           f"Conv-4 {s.hidden} ch, torch threads {threads}")
     header = f"{'variant':>7} | {'method':<28} | {'tasks/s':>9} | {'x vs loop':>9} | {'x vs l2l MAML':>13}"
@@ -391,7 +400,8 @@ def main() -> None:
                         help="torch thread counts, the whole table per count (default: the current count)")
     parser.add_argument("--repeats", type=int, default=3, help="timed meta-updates per method (median reported)")
     parser.add_argument("--quick", action="store_true", help="smoke test: 2 tasks, 2 inner steps, hidden 8, 1 repeat")
-    parser.add_argument("--full", action="store_true", help="also 20-way 1-shot with 25 inner steps")
+    parser.add_argument("--full", action="store_true", help="also 20-way 1-shot: 25 inner steps, meta-batch 16")
+    parser.add_argument("--only-20w", action="store_true", help="with --full: the 20-way 1-shot setting alone")
     parser.add_argument("--methods", default=None,
                         help=f"comma-separated subset of {list(METHODS)} (or aliases {', '.join(ALIASES)})")
     parser.add_argument("--l2l-steps", type=int, default=None,
@@ -403,6 +413,8 @@ def main() -> None:
     methods = parse_methods(args.methods, parser)
     if args.repeats < 1 or min(args.threads) < 1:
         parser.error("--repeats and --threads must be >= 1")
+    if args.only_20w and not args.full:
+        parser.error("--only-20w goes with --full")
     if L2L in methods:
         try:
             import learn2learn  # noqa: F401
@@ -412,7 +424,11 @@ def main() -> None:
 
     settings = [Setting(n_way=5, inner_steps=16, l2l_steps=args.l2l_steps)]
     if args.full:
-        settings.append(Setting(n_way=20, inner_steps=25, l2l_steps=args.l2l_steps))
+        # meta-batch 16 as MAML's and iMAML's 20-way Omniglot runs; our MAML 2 tasks at a time: 4 or more at once
+        # (25 second-order inner steps, max-pool) need more than this machine's 24 GiB
+        settings.append(Setting(n_way=20, inner_steps=25, meta_batch=16, maml_task_chunk=2, l2l_steps=args.l2l_steps))
+    if args.only_20w:
+        settings = settings[1:]
     repeats = args.repeats
     if args.quick:
         settings = [replace(s, meta_batch=2, inner_steps=2, hidden=8,
