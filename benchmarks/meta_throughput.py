@@ -59,7 +59,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lit_meta.allocator import keep_freed_memory  # noqa: E402
+from lit_meta.allocator import keep_freed_memory
 from lit_meta.datamodules import OmniglotDataModule
 from lit_meta.episode import Episode, to_float
 from lit_meta.functional import (Params, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of,
@@ -431,6 +431,7 @@ def main() -> None:
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         parser.error(f"--device {args.device}: CUDA is not available on this machine (torch {torch.__version__})")
+    target_vs_loop = TARGET_VS_LOOP_GPU if device.type == "cuda" else TARGET_VS_LOOP
     if L2L in methods:
         try:
             import learn2learn  # noqa: F401
@@ -471,12 +472,11 @@ def main() -> None:
         torch.set_num_threads(threads)
         for s in settings:
             results = run_setting(s, methods, episodes[s], repeats)
-            warnings += print_table(s, threads, methods, results,
-                                    TARGET_VS_LOOP_GPU if device.type == "cuda" else TARGET_VS_LOOP)
+            warnings += print_table(s, threads, methods, results, target_vs_loop)
             rows.append((threads, s, results))
     if not warnings and OURS in methods and (LOOP in methods or L2L in methods):
-        print(f"\nall targets met (ours iMAML-GD >= {TARGET_VS_LOOP_GPU if device.type == 'cuda' else TARGET_VS_LOOP}x "
-              f"loop, >= {TARGET_VS_L2L}x learn2learn MAML where measured)")
+        print(f"\nall targets met (ours iMAML-GD >= {target_vs_loop}x loop, >= {TARGET_VS_L2L}x learn2learn MAML "
+              f"where measured)")
     plot(plot_path, rows, methods)
 
 

@@ -87,36 +87,41 @@ class Conv4(nn.Module):
             conv, norm = block[0], block[1]
             w, b = p[f"features.{i}.0.weight"], p[f"features.{i}.0.bias"]
             w, b = w.reshape(-1, *w.shape[2:]), b.reshape(-1)
-            if len(block) == 4 and isinstance(norm, nn.BatchNorm2d):
-                h = _conv_bn_relu_max_pool(h, w, b, p[f"features.{i}.1.weight"].reshape(-1),
-                                           p[f"features.{i}.1.bias"].reshape(-1), conv, norm.eps, n_tasks)
+            pooled = len(block) == 4
+            if not isinstance(norm, nn.Identity):
+                gamma, beta = p[f"features.{i}.1.weight"].reshape(-1), p[f"features.{i}.1.bias"].reshape(-1)
+            if pooled and isinstance(norm, nn.BatchNorm2d):
+                h = _conv_bn_relu_max_pool(h, w, b, gamma, beta, conv, norm.eps, n_tasks)
                 continue
             h = F.conv2d(h, w, b, stride=conv.stride, padding=conv.padding, groups=n_tasks)
             if isinstance(norm, nn.BatchNorm2d):  # statistics over (B, H, W) per task and channel
-                h = F.batch_norm(h, None, None, p[f"features.{i}.1.weight"].reshape(-1),
-                                 p[f"features.{i}.1.bias"].reshape(-1), training=True, eps=norm.eps)
+                h = F.batch_norm(h, None, None, gamma, beta, training=True, eps=norm.eps)
             elif isinstance(norm, nn.GroupNorm):  # a task's groups never straddle two tasks
-                h = F.group_norm(h, n_tasks * norm.num_groups, p[f"features.{i}.1.weight"].reshape(-1),
-                                 p[f"features.{i}.1.bias"].reshape(-1), norm.eps)
-            if len(block) == 4:  # relu(max_pool) = max_pool(relu): ReLU is monotone, on a quarter of the values
+                h = F.group_norm(h, n_tasks * norm.num_groups, gamma, beta, norm.eps)
+            if pooled:  # relu(max_pool) = max_pool(relu): ReLU is monotone, on a quarter of the values
                 h = F.max_pool2d(h, 2, ceil_mode=True)
             h = F.relu(h)
         features = h.mean(dim=(-2, -1)).view(batch, n_tasks, -1).transpose(0, 1)  # [T, B, hidden]
         return torch.baddbmm(p["head.bias"].unsqueeze(1), features, p["head.weight"].transpose(1, 2))
 
 
+def _channel_mean(x: Tensor) -> Tensor:
+    """Mean per channel (dim 1) of ``[B, C, H, W]`` over dims 0, 2, 3, as two contiguous reductions (one over
+    dims (0, 2, 3) at once is several times slower on CPU)."""
+    return x.sum((2, 3)).sum(0) / (x.numel() // x.shape[1])
+
+
 class _ChannelStats(torch.autograd.Function):
     """Mean and biased variance per channel (dim 1) of ``[B, C, H, W]``, over dims 0, 2, 3: BatchNorm's training
-    statistics. ``torch.var_mean`` over those dims is slow on CPU (~100 ms on a 25 x 2048 x 28 x 28 map, against
-    ~15 ms here) and its backward takes half a dozen passes over the map; this backward is one ``addcmul`` and is
-    itself differentiable (Hessian-vector products take its derivative). One pass of sums, var = E[x^2] - E[x]^2:
-    in float32 the variance is good to ~1e-6 relative where |mean| is within a few standard deviations."""
+    statistics. ``torch.var_mean`` over those dims is slow on CPU (~100 ms on a 25 x 2048 x 28 x 28 map) and its
+    backward takes half a dozen passes over the map; this backward is one ``addcmul`` and is itself differentiable
+    (Hessian-vector products take its derivative). Two passes, as BatchNorm: the mean, then the squared norm of
+    ``x - mean`` (no cancellation where |mean| >> std)."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        n = x.numel() // x.shape[1]
-        mean = x.sum((2, 3)).sum(0) / n
-        var = torch.linalg.vector_norm(x, dim=(2, 3)).square().sum(0) / n - mean * mean
+        mean = _channel_mean(x)
+        var = torch.linalg.vector_norm(x - mean[:, None, None], dim=(2, 3)).square().sum(0) / (x.numel() // x.shape[1])
         return mean, var
 
     @staticmethod
@@ -134,9 +139,8 @@ class _ChannelStats(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t: Tensor) -> tuple[Tensor, Tensor]:
         x, mean = ctx.saved_tensors
-        n = x.numel() // x.shape[1]
-        t_mean = t.sum((2, 3)).sum(0) / n
-        return t_mean, 2 * ((x * t).sum((2, 3)).sum(0) / n - mean * t_mean)
+        t_mean = _channel_mean(t)
+        return t_mean, 2 * (_channel_mean(x * t) - mean * t_mean)
 
 
 def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta: Tensor, conv: nn.Conv2d,

@@ -273,3 +273,7 @@ def test_channel_stats_match_var_mean_with_first_second_and_forward_mode_derivat
     assert torch.allclose(mean, ref_mean, atol=1e-13) and torch.allclose(var, ref_var, atol=1e-13)
     assert torch.autograd.gradcheck(_ChannelStats.apply, (x,), check_forward_ad=True)
     assert torch.autograd.gradgradcheck(_ChannelStats.apply, (x,))
+    # float32, |mean| = 1000 std: E[x^2] - E[x]^2 would lose the variance to cancellation; two passes keep it
+    x32 = torch.randn(8, 4, 6, 6, dtype=torch.float32) + 1000.0
+    _, var32 = _ChannelStats.apply(x32)
+    assert torch.allclose(var32, torch.var_mean(x32.double(), dim=(0, 2, 3), correction=0)[0].float(), rtol=1e-4)
