@@ -8,7 +8,7 @@ iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
   1. :func:`inner_solve`       phi_i = argmin_phi L_i^tr(phi) + lam/2 ||phi - theta||^2          (Eq. 4)
   2. :func:`implicit_meta_grad` solve (I + H_i/lam) g_i = grad L_i^test(phi_i) by :func:`cg`     (Eq. 6-7)
      with Hessian-vector products :func:`hessian_operator` (``jvp`` of ``grad`` under ``vmap``; for a
-     network with an all-tasks forward such as Conv4, ``vjp`` of ``grad`` with the graph built once)
+     network with an all-tasks forward such as Conv4, a double backward through a graph built once)
   3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
 Second-order MAML's per-task meta-gradients: :func:`maml_meta_grads`.
 """
@@ -21,7 +21,7 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vjp, vmap
+from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
 Params = dict[str, Tensor]
 TaskParams = dict[str, Tensor]
@@ -68,16 +68,19 @@ def _all_tasks_forward(net: nn.Module) -> Callable[[TaskParams, Tensor], Tensor]
     return getattr(net, "forward_tasks", None)
 
 
-def _summed_task_losses(net: nn.Module, loss_fn: LossFn, x: Tensor, y: Tensor
-                        ) -> Callable[[TaskParams], tuple[Tensor, tuple[Tensor, Tensor]]]:
-    """params -> (sum_i L_i(params_i), (losses [T], outputs)) through the all-tasks forward: task i's loss
-    depends only on params_i, so the gradient of the sum is every task's own gradient, ``[T, ...]``."""
-    def summed(params: TaskParams) -> tuple[Tensor, tuple[Tensor, Tensor]]:
-        out = net.forward_tasks(params, x)
+def _summed_task_grads(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor,
+                       create_graph: bool = False) -> tuple[TaskParams, TaskParams, Tensor, Tensor]:
+    """Gradients of sum_i L_i(params_i) through the all-tasks forward, by plain autograd on detached leaves: task i's
+    loss depends only on params_i, so this is every task's own gradient, ``[T, ...]``. Returns (the leaves, the
+    gradients, losses ``[T]``, outputs); ``create_graph`` keeps the gradients' graph for Hessian-vector products.
+    (No ``torch.func`` transform: without ``vmap`` there is nothing for one to do, and under ``grad`` every
+    operation, custom autograd Functions most, pays a wrapping cost.)"""
+    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
+    with torch.enable_grad():
+        out = net.forward_tasks(leaves, x)
         losses = per_task_loss(loss_fn, out, y)
-        return losses.sum(), (losses, out)
-
-    return summed
+        g = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=create_graph)
+    return leaves, dict(zip(leaves, g)), losses.detach(), out.detach()
 
 
 def task_logits(net: nn.Module, params: TaskParams, x: Tensor) -> Tensor:
@@ -110,8 +113,7 @@ def task_grads_and_outputs(net: nn.Module, loss_fn: LossFn, params: TaskParams, 
                            ) -> tuple[TaskParams, Tensor, Tensor]:
     """Per-task gradients ``[T, ...]``, losses ``[T]`` and outputs ``[T, B, ...]`` in one pass."""
     if _all_tasks_forward(net) is not None:
-        g, (_, (loss, out)) = grad_and_value(_summed_task_losses(net, loss_fn, x, y), has_aux=True)(params)
-        return g, loss.detach(), out.detach()
+        return _summed_task_grads(net, loss_fn, params, x, y)[1:]
 
     def one(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
         out = functional_call(net, p, (xb,))
@@ -230,12 +232,13 @@ def hessian_operator(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Ten
     Generic networks: forward-over-reverse (``jvp`` of ``grad``) under ``vmap``, one forward pass per product
     (reverse-over-reverse through BatchNorm raises under ``vmap``). A network with an all-tasks forward
     (``forward_tasks``) needs no ``vmap``: the gradient of the summed losses is built once, with its graph,
-    and every product is one more backward through it (``vjp`` of ``grad``; H_i symmetric).
+    and every product is one more backward through it (H_i symmetric).
     """
     if _all_tasks_forward(net) is not None:
-        summed = _summed_task_losses(net, loss_fn, x, y)
-        _, vjp_fn = vjp(grad(lambda q: summed(q)[0]), params)
-        return lambda v: vjp_fn(v, create_graph=False)[0]  # products not differentiable further, as task_grads
+        leaves, g, _, _ = _summed_task_grads(net, loss_fn, params, x, y, create_graph=True)
+        names, wrt, grads = list(leaves), list(leaves.values()), list(g.values())
+        # v^T H_i = H_i v (H_i symmetric); products not differentiable further, as task_grads
+        return lambda v: dict(zip(names, torch.autograd.grad(grads, wrt, [v[k] for k in names], retain_graph=True)))
 
     def one(p: Params, vp: Params, xb: Tensor, yb: Tensor) -> Params:
         return jvp(lambda q: grad(lambda r: task_loss(net, loss_fn, r, xb, yb))(q), (p,), (vp,))[1]

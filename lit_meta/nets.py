@@ -6,6 +6,7 @@ evaluated with ``torch.func.functional_call`` under ``vmap``, one set of weights
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -76,8 +77,10 @@ class Conv4(nn.Module):
         (per task and channel, as each copy alone), ReLU/max-pool as they are, a batched head. Under
         ``vmap`` the convolutions' batching rules copy activations between layouts at every layer;
         here they stay in one layout throughout, and no ``vmap`` is involved, so derivatives of any order
-        (``grad``, ``jvp`` of ``grad``) run on plain kernels. A subclass that changes ``forward`` must change
-        this too (tests/test_functional.py checks it equals the ``vmap`` path).
+        (``grad``, ``jvp`` of ``grad``) run on plain kernels. Two of them are ours, for speed on CPU: the grouped
+        convolution's double backward (:func:`_grouped_conv`) and the 2 x 2 max-pool's forward (:func:`_max_pool`).
+        A subclass that changes ``forward`` must change this too (tests/test_functional.py checks it equals the
+        ``vmap`` path).
         """
         n_tasks, batch = x.shape[:2]
         p = {name: params[name] if name in params else w.expand(n_tasks, *w.shape)
@@ -93,16 +96,107 @@ class Conv4(nn.Module):
             if pooled and isinstance(norm, nn.BatchNorm2d):
                 h = _conv_bn_relu_max_pool(h, w, b, gamma, beta, conv, norm.eps, n_tasks)
                 continue
-            h = F.conv2d(h, w, b, stride=conv.stride, padding=conv.padding, groups=n_tasks)
+            h = _grouped_conv(h, w, b, conv, n_tasks)
             if isinstance(norm, nn.BatchNorm2d):  # statistics over (B, H, W) per task and channel
-                h = F.batch_norm(h, None, None, gamma, beta, training=True, eps=norm.eps)
+                h = _batch_norm(h, gamma, beta, norm.eps)
             elif isinstance(norm, nn.GroupNorm):  # a task's groups never straddle two tasks
                 h = F.group_norm(h, n_tasks * norm.num_groups, gamma, beta, norm.eps)
             if pooled:  # relu(max_pool) = max_pool(relu): ReLU is monotone, on a quarter of the values
-                h = F.max_pool2d(h, 2, ceil_mode=True)
+                h = _max_pool(h)
             h = F.relu(h)
         features = h.mean(dim=(-2, -1)).view(batch, n_tasks, -1).transpose(0, 1)  # [T, B, hidden]
         return torch.baddbmm(p["head.bias"].unsqueeze(1), features, p["head.weight"].transpose(1, 2))
+
+
+def _grouped_conv(x: Tensor, w: Tensor, b: Tensor, conv: nn.Conv2d, groups: int) -> Tensor:
+    """``F.conv2d(x, w, b, groups=groups)`` with ``conv``'s stride and padding, differentiable to any order, whose
+    double backward (every Hessian-vector product and second-order MAML step) is two grouped convolution-backward
+    calls: torch's own runs one convolution per group for the weight term (``groups`` = tasks: 32 small kernels)."""
+    return _GroupedConv.apply(x, w, b, tuple(conv.stride), tuple(conv.padding), groups)
+
+
+def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tuple, groups: int,
+                   mask: tuple[bool, bool, bool]) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+    """(d/dx, d/dw, d/db) of ``<g, conv2d(x, w, b)>``, those asked for by ``mask`` (the others None)."""
+    return torch.ops.aten.convolution_backward(g, x, w, [w.shape[0]], list(stride), list(padding), [1, 1], False,
+                                               [0, 0], groups, list(mask))
+
+
+class _GroupedConv(torch.autograd.Function):
+    """y = conv2d(x, w, b): forward and backward are aten's; the backward is :class:`_GroupedConvBackward`, so
+    derivatives of the backward are grouped kernels too."""
+
+    @staticmethod
+    def forward(x: Tensor, w: Tensor, b: Tensor, stride: tuple, padding: tuple, groups: int) -> Tensor:
+        return F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, w, _, ctx.stride, ctx.padding, ctx.groups = inputs
+        ctx.save_for_backward(x, w)
+        ctx.save_for_forward(x, w)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        x, w = ctx.saved_tensors
+        mask = tuple(ctx.needs_input_grad[:3])
+        return (*_GroupedConvBackward.apply(g, x, w, ctx.stride, ctx.padding, ctx.groups, mask), None, None, None)
+
+    @staticmethod
+    def jvp(ctx, t_x: Tensor | None, t_w: Tensor | None, t_b: Tensor | None, *_) -> Tensor:
+        x, w = ctx.saved_tensors
+        conv = lambda a, k: F.conv2d(a, k, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)  # noqa: E731
+        terms = [conv(t_x, w) if t_x is not None else None, conv(x, t_w) if t_w is not None else None,
+                 t_b[:, None, None] if t_b is not None else None]
+        return sum(t for t in terms if t is not None)
+
+
+class _GroupedConvBackward(torch.autograd.Function):
+    """(gx, gw, gb) = the vector-Jacobian product of conv2d at (x, w) with g. Its own derivatives (as aten's
+    ``_convolution_double_backward``), each a grouped kernel: d/dg = conv(ggx, w) + conv(x, ggw) + ggb;
+    d/dx = input gradient of conv(., ggw) at g; d/dw = weight gradient of conv(ggx, .) at g."""
+
+    @staticmethod
+    def forward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tuple, groups: int,
+                mask: tuple[bool, bool, bool]):
+        return _conv_backward(g, x, w, stride, padding, groups, mask)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        g, x, w, ctx.stride, ctx.padding, ctx.groups, ctx.mask = inputs
+        ctx.save_for_backward(g, x, w)
+        ctx.save_for_forward(g, x, w)
+
+    @staticmethod
+    def backward(ctx, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None):
+        g, x, w = ctx.saved_tensors
+        need_g, need_x, need_w = ctx.needs_input_grad[:3]
+        conv = lambda a, k: F.conv2d(a, k, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)  # noqa: E731
+        d_g = d_x = d_w = None
+        if need_g:
+            terms = [conv(ggx, w) if ggx is not None else None, conv(x, ggw) if ggw is not None else None,
+                     ggb[:, None, None].expand_as(g) if ggb is not None else None]
+            d_g = sum(t for t in terms if t is not None) if any(t is not None for t in terms) else None
+        if need_x and ggw is not None:
+            d_x = _conv_backward(g, x, ggw, ctx.stride, ctx.padding, ctx.groups, (True, False, False))[0]
+        if need_w and ggx is not None:
+            d_w = _conv_backward(g, ggx, w, ctx.stride, ctx.padding, ctx.groups, (False, True, False))[1]
+        return d_g, d_x, d_w, None, None, None, None
+
+    @staticmethod
+    def jvp(ctx, t_g: Tensor | None, t_x: Tensor | None, t_w: Tensor | None, *_):
+        g, x, w = ctx.saved_tensors
+        out: list[Tensor | None] = [None, None, None]
+        # gx is linear in (g, w), gw in (g, x), gb in g: each tangent feeds the outputs that depend on it
+        for args, feeds in (((t_g, x, w), (True, True, True)), ((g, t_x, w), (False, True, False)),
+                            ((g, x, t_w), (True, False, False))):
+            mask = tuple(m and f for m, f in zip(ctx.mask, feeds))
+            if any(a is None for a in args) or not any(mask):
+                continue
+            for i, d in enumerate(_conv_backward(*args, ctx.stride, ctx.padding, ctx.groups, mask)):
+                if d is not None and mask[i]:
+                    out[i] = d if out[i] is None else out[i] + d
+        return tuple(out)
 
 
 def _channel_mean(x: Tensor) -> Tensor:
@@ -134,13 +228,59 @@ class _ChannelStats(torch.autograd.Function):
         x, mean = ctx.saved_tensors
         n = x.numel() // x.shape[1]
         scale = 2 * g_var / n
-        return torch.addcmul((g_mean / n - mean * scale)[:, None, None], x, scale[:, None, None])
+        # centred first: x * scale - mean * scale would lose the centred part to float32 cancellation if |mean| >> std
+        return torch.addcmul((g_mean / n)[:, None, None], x - mean[:, None, None], scale[:, None, None])
 
     @staticmethod
     def jvp(ctx, t: Tensor) -> tuple[Tensor, Tensor]:
         x, mean = ctx.saved_tensors
         t_mean = _channel_mean(t)
         return t_mean, 2 * (_channel_mean(x * t) - mean * t_mean)
+
+
+def _max_pool(x: Tensor) -> Tensor:
+    """``F.max_pool2d(x, 2, ceil_mode=True)`` of ``[B, C, H, W]``, the same values, derivatives and tie-breaking (the
+    first maximum of a window in row-major order), about twice as fast on CPU (see :class:`_MaxPool2x2`)."""
+    return _MaxPool2x2.apply(x)[0]
+
+
+class _MaxPool2x2(torch.autograd.Function):
+    """2 x 2 max-pool, stride 2, ceil mode. aten's kernel for contiguous ``[B, C, H, W]`` is scalar (~17 ms on a
+    5 x 2048 x 28 x 28 map on 2 cores, 10 elementwise passes' worth); this forward is three maxima of the four
+    strided corner views and the same flat indices built from three comparisons (~8 ms), so the backward, its
+    double backward (HVPs) and the forward mode are aten's own ``max_pool2d_with_indices_backward`` and gathers."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor]:
+        height, width = x.shape[-2:]
+        if height % 2 or width % 2:  # ceil mode: a last row/column of -inf, never a window's maximum
+            x = F.pad(x, (0, width % 2, 0, height % 2), value=-math.inf)
+        a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+        top, bottom = torch.maximum(a, b), torch.maximum(c, d)
+        out = torch.maximum(top, bottom)
+        # index of the first maximum in (a, b, c, d) order, as h * width + w of the unpadded map (exact in float32)
+        right_top, right_bottom, lower = (b > a).to(x.dtype), (d > c).to(x.dtype), (bottom > top).to(x.dtype)
+        rows, cols = out.shape[-2:]
+        corner = ((torch.arange(rows, device=x.device) * 2 * width)[:, None]
+                  + torch.arange(0, 2 * cols, 2, device=x.device)).to(x.dtype)
+        index = torch.lerp(right_top, right_bottom + width, lower).add_(corner).long()
+        return out, index
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1])
+        ctx.save_for_forward(output[1])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _: Tensor) -> Tensor:
+        x, index = ctx.saved_tensors
+        return torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], True, index)
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> tuple[Tensor, None]:
+        (index,) = ctx.saved_tensors
+        return t.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape), None
 
 
 def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta: Tensor, conv: nn.Conv2d,
@@ -157,12 +297,67 @@ def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta:
     most of a Conv-4 max-pool gradient's memory-bound time on the 28 x 28 layer.
     """
     sign = torch.where(gamma >= 0, 1.0, -1.0).to(gamma.dtype)  # a constant: no derivative flows through it
-    h = F.conv2d(h, w * sign[:, None, None, None], b * sign, stride=conv.stride, padding=conv.padding, groups=groups)
+    h = _grouped_conv(h, w * sign[:, None, None, None], b * sign, conv, groups)
     mean, var = _ChannelStats.apply(h)  # per task and channel, as BatchNorm in training
     scale = gamma * sign * torch.rsqrt(var + eps)
-    shift = beta - mean * scale
-    pooled = F.max_pool2d(h, 2, ceil_mode=True)
-    return F.relu(torch.addcmul(shift[:, None, None], pooled, scale[:, None, None]))
+    # scale * (pooled - mean) + beta, centred first: scale * pooled + (beta - mean * scale) would put the gradients of
+    # gamma and the mean in float32 cancellation (sum(g * pooled) - mean * sum(g)) where |mean| >> std
+    return F.relu(torch.addcmul(beta[:, None, None], _max_pool(h) - mean[:, None, None], scale[:, None, None]))
+
+
+def _batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
+    """``F.batch_norm(h, None, None, gamma, beta, training=True, eps=eps)``, differentiable to any order, with a
+    cheaper double backward (Hessian-vector products), see :class:`_BatchNorm`."""
+    return _BatchNorm.apply(h, gamma, beta, eps)[0]
+
+
+class _BatchNorm(torch.autograd.Function):
+    """BatchNorm in training mode. Forward and first-order backward are aten's kernels. When the backward is itself
+    to be differentiated (``create_graph``: grad mode on inside it) it is written out instead, for ``y = gamma *
+    (x - mean) / std + beta`` (mean and variance from :class:`_ChannelStats`): its derivatives are a few passes over
+    the map, where aten's batch-norm double backward takes over a dozen."""
+
+    @staticmethod
+    def forward(x: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> tuple[Tensor, Tensor, Tensor]:
+        return torch.native_batch_norm(x, gamma, beta, None, None, True, 0.0, eps)  # y, mean, 1 / std
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        x, gamma, _, ctx.eps = inputs
+        ctx.mark_non_differentiable(output[1], output[2])
+        ctx.save_for_backward(x, gamma, output[1], output[2])
+        ctx.save_for_forward(x, gamma, output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, *_: Tensor):
+        x, gamma, mean, rstd = ctx.saved_tensors
+        mask = list(ctx.needs_input_grad[:3])
+        if not torch.is_grad_enabled():  # first order
+            return (*torch.ops.aten.native_batch_norm_backward(g, x, gamma, None, None, mean, rstd, True, ctx.eps,
+                                                                mask), None)
+        mean, var = _ChannelStats.apply(x)  # again, as functions of x: the backward's own derivatives need them
+        rstd = torch.rsqrt(var + ctx.eps)
+        centred = x - mean[:, None, None]  # centred before any product: no float32 cancellation where |mean| >> std
+        d_beta, d_centred = g.sum((2, 3)).sum(0), (g * centred).sum((2, 3)).sum(0)  # of <g, y>, y = gamma rstd centred
+        d_gamma, d_var = rstd * d_centred, -0.5 * gamma * rstd ** 3 * d_centred
+        n = x.numel() // x.shape[1]  # through the statistics: (d_mean + 2 d_var (x - mean)) / n, d_mean = -scale d_beta
+        d_x = torch.addcmul((-gamma * rstd * d_beta / n)[:, None, None], centred, (2 * d_var / n)[:, None, None])
+        return torch.addcmul(d_x, g, (gamma * rstd)[:, None, None]), d_gamma, d_beta, None
+
+    @staticmethod
+    def jvp(ctx, t_x: Tensor, t_gamma: Tensor | None, t_beta: Tensor | None, _) -> tuple[Tensor, None, None]:
+        x, gamma, mean, rstd = ctx.saved_tensors
+        centred = x - mean[:, None, None]
+        if t_x is None:
+            t_x = torch.zeros_like(x)
+        t_mean = _channel_mean(t_x)
+        t_rstd = -rstd ** 3 * _channel_mean(centred * t_x)  # -1/2 rstd^3 t_var, t_var = 2 mean(centred * t_x)
+        t_y = (gamma * rstd)[:, None, None] * (t_x - t_mean[:, None, None]) + (gamma * t_rstd)[:, None, None] * centred
+        if t_gamma is not None:
+            t_y = t_y + (rstd * t_gamma)[:, None, None] * centred
+        if t_beta is not None:
+            t_y = t_y + t_beta[:, None, None]
+        return t_y, None, None
 
 
 class MLP(nn.Module):

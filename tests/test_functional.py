@@ -4,6 +4,7 @@ finite differences of the exact proximal solution, per-task loops, and a manual 
 import pytest
 import torch
 from torch import nn
+import torch.nn.functional as F
 from torch.func import functional_call
 
 from lit_meta import MLP, Conv4
@@ -277,3 +278,82 @@ def test_channel_stats_match_var_mean_with_first_second_and_forward_mode_derivat
     x32 = torch.randn(8, 4, 6, 6, dtype=torch.float32) + 1000.0
     _, var32 = _ChannelStats.apply(x32)
     assert torch.allclose(var32, torch.var_mean(x32.double(), dim=(0, 2, 3), correction=0)[0].float(), rtol=1e-4)
+
+
+@pytest.mark.parametrize("stride, size", [(1, 6), (2, 7)])
+def test_grouped_conv_derivatives_of_every_order_match_finite_differences(stride, size):
+    """Conv4's task-folded convolution (hand-written double backward: grouped kernels instead of torch's
+    one-convolution-per-group loop) against F.conv2d and finite differences, float64: first and second order in
+    both modes (Hessian-vector products, forward-over-reverse), and the backward's own derivatives (third order)."""
+    from lit_meta.nets import _GroupedConv, _GroupedConvBackward
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 6, size, size, requires_grad=True)
+    w, b = torch.randn(4, 3, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
+    conv = lambda x, w, b: _GroupedConv.apply(x, w, b, (stride, stride), (1, 1), 2)  # noqa: E731
+    assert torch.allclose(conv(x, w, b), F.conv2d(x, w, b, stride=stride, padding=1, groups=2), atol=1e-13)
+    assert torch.autograd.gradcheck(conv, (x, w, b), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(conv, (x, w, b), check_fwd_over_rev=True)
+    assert torch.autograd.gradgradcheck(lambda w, b: conv(x.detach(), w, b), (w, b))  # data input: no d/dx
+    g = torch.randn_like(conv(x, w, b)).requires_grad_()
+    backward = lambda g, x, w: _GroupedConvBackward.apply(g, x, w, (stride, stride), (1, 1), 2,  # noqa: E731
+                                                          (True, True, True))
+    assert torch.autograd.gradcheck(backward, (g, x, w), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(backward, (g, x, w))
+
+
+def test_conv4_hessian_vector_products_forward_over_reverse_equal_reverse_over_reverse():
+    """``jvp`` of ``grad`` through Conv4.forward_tasks (the custom Functions' forward-mode rules) equals the
+    Hessian-vector products :func:`hvp` takes by double backward, float64."""
+    from torch.func import grad, jvp
+
+    torch.manual_seed(0)
+    net = Conv4(out_features=3, hidden=4, pool="max")
+    phi = {k: v + 0.1 * torch.randn_like(v) for k, v in expand_to_tasks(params_of(net), 2).items()}
+    v = {k: torch.randn_like(p) for k, p in phi.items()}
+    sx, sy = torch.rand(2, 4, 1, 14, 14), torch.randint(0, 3, (2, 4))
+    summed = lambda p: F.cross_entropy(net.forward_tasks(p, sx).flatten(0, 1), sy.flatten(), reduction="sum")  # noqa: E731
+    forward_mode = jvp(grad(summed), (phi,), (v,))[1]
+    reverse = hvp(net, F.cross_entropy, phi, sx, sy, v)
+    for k in phi:  # hvp differentiates the per-task mean losses: 4 examples per task
+        assert torch.allclose(forward_mode[k], 4 * reverse[k], rtol=1e-8, atol=1e-11), k
+
+
+@pytest.mark.parametrize("height, width", [(6, 6), (7, 5), (3, 3), (1, 2)])
+def test_max_pool_equals_aten_with_ties_and_its_derivatives(height, width):
+    """Conv4's 2 x 2 max-pool against F.max_pool2d(ceil_mode=True): values and indices on maps full of ties (the
+    first maximum of a window wins, as aten), odd sizes (ceil mode), then gradients, double backward, forward mode."""
+    from lit_meta.nets import _MaxPool2x2
+
+    torch.manual_seed(0)
+    x = torch.randint(-2, 3, (3, 4, height, width)).double()  # few distinct values: many ties
+    out, index = _MaxPool2x2.apply(x)
+    ref_out, ref_index = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
+    assert torch.equal(out, ref_out) and torch.equal(index, ref_index)
+    g = torch.randn_like(out)
+    x.requires_grad_()
+    ours = torch.autograd.grad(_MaxPool2x2.apply(x)[0], x, g)[0]
+    assert torch.equal(ours, torch.autograd.grad(F.max_pool2d(x, 2, ceil_mode=True), x, g)[0])  # ties routed alike
+    xs = torch.randn(2, 3, height, width, requires_grad=True)  # distinct values: differentiable
+    pool = lambda t: _MaxPool2x2.apply(t)[0]  # noqa: E731
+    assert torch.autograd.gradcheck(pool, (xs,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(pool, (xs,), check_fwd_over_rev=True)
+
+
+def test_batch_norm_equals_aten_with_derivatives_of_every_order():
+    """Conv4's training-mode BatchNorm (aten's kernels to first order, written-out backward under create_graph)
+    against F.batch_norm and finite differences, float64: first, second and third order, forward mode and
+    forward-over-reverse, a map with a large mean."""
+    from lit_meta.nets import _batch_norm
+
+    torch.manual_seed(0)
+    x = (torch.randn(3, 4, 5, 5) * 2 + 3).requires_grad_()
+    gamma, beta = torch.tensor([1.5, -0.7, 0.3, -1.2], requires_grad=True), torch.randn(4, requires_grad=True)
+    bn = lambda x, gamma, beta: _batch_norm(x, gamma, beta, 1e-5)  # noqa: E731
+    assert torch.allclose(bn(x, gamma, beta), F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5),
+                          atol=1e-13)
+    assert torch.autograd.gradcheck(bn, (x, gamma, beta), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(bn, (x, gamma, beta), check_fwd_over_rev=True)
+    g = torch.randn(3, 4, 5, 5)  # third order: the written-out backward's own double backward
+    assert torch.autograd.gradgradcheck(
+        lambda x, gamma: torch.autograd.grad(bn(x, gamma, beta), (x, gamma), g, create_graph=True), (x, gamma))
