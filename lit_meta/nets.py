@@ -208,9 +208,9 @@ def _channel_mean(x: Tensor) -> Tensor:
 class _ChannelStats(torch.autograd.Function):
     """Mean and biased variance per channel (dim 1) of ``[B, C, H, W]``, over dims 0, 2, 3: BatchNorm's training
     statistics. ``torch.var_mean`` over those dims is slow on CPU (~100 ms on a 25 x 2048 x 28 x 28 map) and its
-    backward takes half a dozen passes over the map; this backward is one ``addcmul`` and is itself differentiable
-    (Hessian-vector products take its derivative). Two passes, as BatchNorm: the mean, then the squared norm of
-    ``x - mean`` (no cancellation where |mean| >> std)."""
+    backward takes half a dozen passes over the map; this backward is two (``x - mean``, an ``addcmul``) and is
+    itself differentiable (Hessian-vector products take its derivative). Two passes, as BatchNorm: the mean, then the
+    squared norm of ``x - mean`` (no cancellation where |mean| >> std)."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
