@@ -321,12 +321,26 @@ def maml_meta_grads(net: nn.Module, loss_fn: LossFn, theta: Params, support: tup
 
         g_i = d/dtheta L_i^test(phi_i(theta)),   phi_i = theta - inner_lr * sum_t grad L_i^train(phi_i^t),
 
-    differentiating through all ``inner_steps`` (memory grows with them). Computed as
-    ``vmap(grad(...))`` of the whole per-task objective: differentiating a batched ``vmap(grad)`` unroll
-    with outer autograd instead gives WRONG gradients through BatchNorm in torch 2.14 (checked against
-    finite differences in the tests). Returns per-task gradients ``[T, ...]``, query losses ``[T]`` and
-    query outputs ``[T, B, ...]``.
+    differentiating through all ``inner_steps`` (memory grows with them). Generic networks: ``vmap(grad(...))``
+    of the whole per-task objective (differentiating a batched ``vmap(grad)`` unroll with outer autograd instead
+    gives WRONG gradients through BatchNorm in torch 2.14, checked against finite differences in the tests). A
+    network with an all-tasks forward (Conv4): the unroll by plain autograd on one copy of theta per task, with
+    ``create_graph`` (no ``vmap``). Returns per-task gradients ``[T, ...]``, query losses ``[T]`` and query
+    outputs ``[T, B, ...]``.
     """
+    if _all_tasks_forward(net) is not None:
+        thetas = {k: v.requires_grad_() for k, v in expand_to_tasks(theta, support[0].shape[0]).items()}
+        with torch.enable_grad():
+            phi = thetas
+            for _ in range(inner_steps):
+                losses = per_task_loss(loss_fn, net.forward_tasks(phi, support[0]), support[1])
+                g = torch.autograd.grad(losses.sum(), list(phi.values()), create_graph=True)
+                phi = {k: phi[k] - inner_lr * gk for k, gk in zip(phi, g)}
+            outputs = net.forward_tasks(phi, query[0])
+            losses = per_task_loss(loss_fn, outputs, query[1])
+            grads = torch.autograd.grad(losses.sum(), list(thetas.values()))  # task i's loss: only theta copy i
+        return dict(zip(thetas, grads)), losses.detach(), outputs.detach()
+
     def objective(th: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
         phi = th
         for _ in range(inner_steps):

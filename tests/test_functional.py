@@ -143,10 +143,10 @@ def test_batched_meta_gradient_equals_a_per_task_loop():
             assert torch.allclose(batched[k][i], single[k][0], rtol=1e-5, atol=1e-10), k
 
 
-def conv_episode(n_tasks: int, hidden: int):
+def conv_episode(n_tasks: int, hidden: int, pool: str = "stride"):
     """A seeded 3-way Conv4 and random support/query sets of 6 images per task."""
     torch.manual_seed(0)
-    net = Conv4(out_features=3, hidden=hidden)
+    net = Conv4(out_features=3, hidden=hidden, pool=pool)
     support = torch.rand(n_tasks, 6, 1, 28, 28), torch.randint(0, 3, (n_tasks, 6))
     query = torch.rand(n_tasks, 6, 1, 28, 28), torch.randint(0, 3, (n_tasks, 6))
     return net, support, query
@@ -165,8 +165,10 @@ def manual_maml_grad(net, theta, sx, sy, qx, qy, steps, lr):
     return dict(zip(theta, torch.autograd.grad(total, list(theta.values()))))
 
 
-def test_maml_second_order_gradient_equals_a_manual_unroll():
-    net, (sx, sy), (qx, qy) = conv_episode(n_tasks=3, hidden=6)
+@pytest.mark.parametrize("pool", ["stride", "max"])
+def test_maml_second_order_gradient_equals_a_manual_unroll(pool):
+    """Conv4's all-tasks unroll (forward_tasks, our kernels) against a per-task unroll of the plain nn.Module."""
+    net, (sx, sy), (qx, qy) = conv_episode(n_tasks=3, hidden=6, pool=pool)
     theta = params_of(net)
     grads, _, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
     reference = manual_maml_grad(net, theta, sx, sy, qx, qy, 2, 0.3)
