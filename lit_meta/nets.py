@@ -6,6 +6,7 @@ evaluated with ``torch.func.functional_call`` under ``vmap``, one set of weights
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Literal
 
@@ -122,6 +123,11 @@ def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tupl
                                                [0, 0], groups, list(mask))
 
 
+def _conv_like(ctx, x: Tensor, w: Tensor) -> Tensor:
+    """conv2d(x, w) without bias, with the stride, padding and groups saved on ``ctx`` (the derivatives' convolutions)."""
+    return F.conv2d(x, w, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)
+
+
 class _GroupedConv(torch.autograd.Function):
     """y = conv2d(x, w, b): forward and backward are aten's; the backward is :class:`_GroupedConvBackward`, so
     derivatives of the backward are grouped kernels too."""
@@ -145,7 +151,7 @@ class _GroupedConv(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_x: Tensor | None, t_w: Tensor | None, t_b: Tensor | None, *_) -> Tensor:
         x, w = ctx.saved_tensors
-        conv = lambda a, k: F.conv2d(a, k, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)  # noqa: E731
+        conv = functools.partial(_conv_like, ctx)
         terms = [conv(t_x, w) if t_x is not None else None, conv(x, t_w) if t_w is not None else None,
                  t_b[:, None, None] if t_b is not None else None]
         return sum(t for t in terms if t is not None)
@@ -171,7 +177,7 @@ class _GroupedConvBackward(torch.autograd.Function):
     def backward(ctx, ggx: Tensor | None, ggw: Tensor | None, ggb: Tensor | None):
         g, x, w = ctx.saved_tensors
         need_g, need_x, need_w = ctx.needs_input_grad[:3]
-        conv = lambda a, k: F.conv2d(a, k, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)  # noqa: E731
+        conv = functools.partial(_conv_like, ctx)
         d_g = d_x = d_w = None
         if need_g:
             terms = [conv(ggx, w) if ggx is not None else None, conv(x, ggw) if ggw is not None else None,
