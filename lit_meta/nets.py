@@ -230,18 +230,25 @@ class _ChannelStats(torch.autograd.Function):
         ctx.save_for_forward(inputs[0], output[0])
 
     @staticmethod
-    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:  # d/dx: (g_mean + 2 g_var (x - mean)) / n
-        x, mean = ctx.saved_tensors
-        n = x.numel() // x.shape[1]
-        scale = 2 * g_var / n
-        # centred first: x * scale - mean * scale would lose the centred part to float32 cancellation if |mean| >> std
-        return torch.addcmul((g_mean / n)[:, None, None], x - mean[:, None, None], scale[:, None, None])
+    def backward(ctx, g_mean: Tensor, g_var: Tensor) -> Tensor:
+        return _channel_stats_vjp(*ctx.saved_tensors, g_mean, g_var)
 
     @staticmethod
     def jvp(ctx, t: Tensor) -> tuple[Tensor, Tensor]:
-        x, mean = ctx.saved_tensors
-        t_mean = _channel_mean(t)
-        return t_mean, 2 * (_channel_mean(x * t) - mean * t_mean)
+        return _channel_stats_jvp(*ctx.saved_tensors, t)
+
+
+def _channel_stats_vjp(x: Tensor, mean: Tensor, g_mean: Tensor, g_var: Tensor) -> Tensor:
+    """d/dx of ``<g_mean, mean(x)> + <g_var, var(x)>`` = (g_mean + 2 g_var (x - mean)) / n, differentiable."""
+    n = x.numel() // x.shape[1]
+    # centred first: x * scale - mean * scale would lose the centred part to float32 cancellation if |mean| >> std
+    return torch.addcmul((g_mean / n)[:, None, None], x - mean[:, None, None], (2 * g_var / n)[:, None, None])
+
+
+def _channel_stats_jvp(x: Tensor, mean: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Tangents of (mean, var) of x along t."""
+    t_mean = _channel_mean(t)
+    return t_mean, 2 * (_channel_mean(x * t) - mean * t_mean)
 
 
 def _max_pool(x: Tensor) -> Tensor:
@@ -251,26 +258,14 @@ def _max_pool(x: Tensor) -> Tensor:
 
 
 class _MaxPool2x2(torch.autograd.Function):
-    """2 x 2 max-pool, stride 2, ceil mode. aten's kernel for contiguous ``[B, C, H, W]`` is scalar (~17 ms on a
-    5 x 2048 x 28 x 28 map on 2 cores, 10 elementwise passes' worth); this forward is three maxima of the four
-    strided corner views and the same flat indices built from three comparisons (~8 ms), so the backward, its
-    double backward (HVPs) and the forward mode are aten's own ``max_pool2d_with_indices_backward`` and gathers."""
+    """2 x 2 max-pool, stride 2, ceil mode. aten's kernel for contiguous ``[B, C, H, W]`` is scalar (~17-25 ms on a
+    5 x 2048 x 28 x 28 map on 2 cores); this forward is three maxima of the four strided corner views and the same
+    flat indices from three differences (~7 ms, see :func:`_max_pool_2x2`), so the backward, its double backward
+    (HVPs) and the forward mode are aten's own ``max_pool2d_with_indices_backward`` and gathers."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor]:
-        height, width = x.shape[-2:]
-        if height % 2 or width % 2:  # ceil mode: a last row/column of -inf, never a window's maximum
-            x = F.pad(x, (0, width % 2, 0, height % 2), value=-math.inf)
-        a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
-        top, bottom = torch.maximum(a, b), torch.maximum(c, d)
-        out = torch.maximum(top, bottom)
-        # index of the first maximum in (a, b, c, d) order, as h * width + w of the unpadded map (exact in float32)
-        right_top, right_bottom, lower = (b > a).to(x.dtype), (d > c).to(x.dtype), (bottom > top).to(x.dtype)
-        rows, cols = out.shape[-2:]
-        corner = ((torch.arange(rows, device=x.device) * 2 * width)[:, None]
-                  + torch.arange(0, 2 * cols, 2, device=x.device)).to(x.dtype)
-        index = torch.lerp(right_top, right_bottom + width, lower).add_(corner).long()
-        return out, index
+        return _max_pool_2x2(x)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -280,13 +275,77 @@ class _MaxPool2x2(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g: Tensor, _: Tensor) -> Tensor:
-        x, index = ctx.saved_tensors
-        return torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], True, index)
+        return _max_pool_vjp(g, *ctx.saved_tensors)
 
     @staticmethod
     def jvp(ctx, t: Tensor) -> tuple[Tensor, None]:
-        (index,) = ctx.saved_tensors
-        return t.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape), None
+        return _max_pool_jvp(t, *ctx.saved_tensors), None
+
+
+def _max_pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
+    """Values and aten's flat indices (``h * width + w``, the first maximum of a window in row-major order) of the
+    2 x 2, stride 2, ceil-mode max-pool of a finite ``[B, C, H, W]`` map. Each "is the later corner larger" test is
+    the sign of a difference to a maximum already taken (``max(a, b) - a`` is > 0 exactly where b > a, else 0): one
+    vectorised subtraction where a comparison writes booleans one element at a time and must be cast to float."""
+    height, width = x.shape[-2:]
+    if height % 2 or width % 2:  # ceil mode: a last row/column of the lowest finite value, never a window's maximum
+        x = F.pad(x, (0, width % 2, 0, height % 2), value=torch.finfo(x.dtype).min)
+    a, b, c, d = x[..., 0::2, 0::2], x[..., 0::2, 1::2], x[..., 1::2, 0::2], x[..., 1::2, 1::2]
+    top, bottom = torch.maximum(a, b), torch.maximum(c, d)
+    out = torch.maximum(top, bottom)
+    right_top, right_bottom, lower = (top - a).sign_(), (bottom - c).sign_(), (out - top).sign_()  # 0. or 1.
+    rows, cols = out.shape[-2:]
+    corner = ((torch.arange(rows, device=x.device) * 2 * width)[:, None]
+              + torch.arange(0, 2 * cols, 2, device=x.device)).to(x.dtype)
+    index = torch.lerp(right_top, right_bottom.add_(width), lower)  # exact small integers (float32: below 2^24)
+    # an index from a NaN would be written through by the backward: kept inside its window (torch.sign(NaN) is 0 on
+    # CPU; nan_to_num_ makes sure of it wherever that may differ)
+    return out, index.nan_to_num_(0.0).add_(corner).long()
+
+
+def _max_pool_vjp(g: Tensor, x: Tensor, index: Tensor) -> Tensor:
+    """d/dx of ``<g, max_pool(x)>``: g at each window's maximum (aten's kernel, differentiable: a gather)."""
+    return torch.ops.aten.max_pool2d_with_indices_backward(g, x, [2, 2], [2, 2], [0, 0], [1, 1], True, index)
+
+
+def _max_pool_jvp(t: Tensor, index: Tensor) -> Tensor:
+    """Tangent of max_pool(x) along t: t at each window's maximum."""
+    return t.flatten(-2).gather(-1, index.flatten(-2)).view(index.shape)
+
+
+class _PooledStats(torch.autograd.Function):
+    """(max_pool(x), its indices, mean(x), var(x)) of a max-pool block's convolution output x ``[B, C, H, W]``, with
+    the statistics of :class:`_ChannelStats` and the pooling of :class:`_MaxPool2x2`. One Function so that the
+    backward builds d/dx in one buffer: the statistics' term, centred, with the pooled gradient added at the maxima
+    (``scatter_add_``) in place, where two Functions would each write a full map (aten's max-pool backward zeroes
+    one) and autograd would add them up, three more passes over the largest map of the net. Under ``create_graph``
+    (Hessian-vector products) the same sum, written with differentiable operations."""
+
+    @staticmethod
+    def forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return (*_max_pool_2x2(x), *_ChannelStats.forward(x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.mark_non_differentiable(output[1])
+        ctx.save_for_backward(inputs[0], output[1], output[2])
+        ctx.save_for_forward(inputs[0], output[1], output[2])
+
+    @staticmethod
+    def backward(ctx, g: Tensor, _: Tensor, g_mean: Tensor, g_var: Tensor) -> Tensor:
+        x, index, mean = ctx.saved_tensors
+        if torch.is_grad_enabled():  # the backward is itself differentiated
+            return _channel_stats_vjp(x, mean, g_mean, g_var) + _max_pool_vjp(g, x, index)
+        n = x.numel() // x.shape[1]
+        d_x = x - mean[:, None, None]  # (g_mean + 2 g_var (x - mean)) / n, centred first, then g at the maxima
+        d_x.mul_((2 * g_var / n)[:, None, None]).add_((g_mean / n)[:, None, None])
+        d_x.flatten(-2).scatter_add_(-1, index.flatten(-2), g.reshape(index.shape).flatten(-2))
+        return d_x
+
+    @staticmethod
+    def jvp(ctx, t: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
+        x, index, mean = ctx.saved_tensors
+        return (_max_pool_jvp(t, index), None, *_channel_stats_jvp(x, mean, t))
 
 
 def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta: Tensor, conv: nn.Conv2d,
@@ -304,11 +363,11 @@ def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta:
     """
     sign = torch.where(gamma >= 0, 1.0, -1.0).to(gamma.dtype)  # a constant: no derivative flows through it
     h = _grouped_conv(h, w * sign[:, None, None, None], b * sign, conv, groups)
-    mean, var = _ChannelStats.apply(h)  # per task and channel, as BatchNorm in training
+    pooled, _, mean, var = _PooledStats.apply(h)  # statistics per task and channel, as BatchNorm in training
     scale = gamma * sign * torch.rsqrt(var + eps)
     # scale * (pooled - mean) + beta, centred first: scale * pooled + (beta - mean * scale) would put the gradients of
     # gamma and the mean in float32 cancellation (sum(g * pooled) - mean * sum(g)) where |mean| >> std
-    return F.relu(torch.addcmul(beta[:, None, None], _max_pool(h) - mean[:, None, None], scale[:, None, None]))
+    return F.relu(torch.addcmul(beta[:, None, None], pooled - mean[:, None, None], scale[:, None, None]))
 
 
 def _batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:

@@ -342,6 +342,47 @@ def test_max_pool_equals_aten_with_ties_and_its_derivatives(height, width):
     assert torch.autograd.gradgradcheck(pool, (xs,), check_fwd_over_rev=True)
 
 
+@pytest.mark.parametrize("height, width", [(6, 6), (7, 5)])
+def test_pooled_stats_equal_max_pool_and_channel_stats_with_their_derivatives(height, width):
+    """The max-pool blocks' fused pooling + statistics (one buffer for d/dx in the first-order backward) against the two
+    Functions it fuses: the same values and indices, gradients equal to the last bit on maps full of ties (both
+    first-order paths: grad mode off in the backward), then finite differences in float64 to second order (the
+    create_graph path) and forward mode."""
+    from lit_meta.nets import _ChannelStats, _MaxPool2x2, _PooledStats
+
+    torch.manual_seed(0)
+    x = torch.randint(-2, 3, (3, 4, height, width)).double().requires_grad_()  # many ties
+    pooled, index, mean, var = _PooledStats.apply(x)
+    ref_pooled, ref_index = _MaxPool2x2.apply(x)
+    ref_mean, ref_var = _ChannelStats.apply(x)
+    assert torch.equal(pooled, ref_pooled) and torch.equal(index, ref_index)
+    assert torch.equal(mean, ref_mean) and torch.equal(var, ref_var)
+    g, g_mean, g_var = torch.randn_like(pooled), torch.randn_like(mean), torch.randn_like(var)
+    fused = torch.autograd.grad((pooled * g).sum() + (mean * g_mean).sum() + (var * g_var).sum(), x)[0]
+    composed = torch.autograd.grad((ref_pooled * g).sum() + (ref_mean * g_mean).sum() + (ref_var * g_var).sum(), x)[0]
+    assert torch.allclose(fused, composed, rtol=0, atol=1e-15)
+    xs = (torch.randn(2, 3, height, width) + 2).requires_grad_()  # distinct values: differentiable
+    outputs = lambda t: tuple(o for i, o in enumerate(_PooledStats.apply(t)) if i != 1)  # noqa: E731
+    assert torch.autograd.gradcheck(outputs, (xs,), check_forward_ad=True)
+    assert torch.autograd.gradgradcheck(outputs, (xs,), check_fwd_over_rev=True)
+
+
+def test_max_pool_indices_stay_in_their_window_when_the_map_has_nan():
+    """A NaN in the map (a diverged step) must not turn into an index outside the map, which the backward would
+    write through: NaN values come out as aten's, and every index points into its own 2 x 2 window."""
+    from lit_meta.nets import _MaxPool2x2
+
+    x = torch.randn(2, 3, 6, 5)
+    x[0, 1, 2, 3] = float("nan")
+    x[1, 2, 0, 0] = float("nan")
+    out, index = _MaxPool2x2.apply(x)
+    assert torch.equal(out.isnan(), F.max_pool2d(x, 2, ceil_mode=True).isnan())
+    rows, cols = index // 5, index % 5
+    assert torch.equal(rows // 2, torch.arange(3)[:, None].expand(3, 3).expand_as(rows))
+    assert torch.equal(cols // 2, torch.arange(3)[None, :].expand(3, 3).expand_as(cols))
+    torch.autograd.grad(_MaxPool2x2.apply(x.requires_grad_())[0].sum(), x)  # runs
+
+
 def test_batch_norm_equals_aten_with_derivatives_of_every_order():
     """Conv4's training-mode BatchNorm (aten's kernels to first order, written-out backward under create_graph)
     against F.batch_norm and finite differences, float64: first, second and third order, forward mode and
