@@ -34,6 +34,7 @@ tasks/s; a WARNING line is printed for each missed target.
     python benchmarks/meta_throughput.py --threads 1 2 4 --repeats 5
     python benchmarks/meta_throughput.py --full                # + 20w1s, 25 inner steps, meta-batch 16
     python benchmarks/meta_throughput.py --methods "ours iMAML-GD,loop iMAML (reference-style)"
+    python benchmarks/meta_throughput.py --phases --methods imaml,loop  # + ms per phase, ours vs the loop
     python benchmarks/meta_throughput.py --quick               # smoke test: 2 tasks, 2 steps, hidden 8
     python benchmarks/meta_throughput.py --device cuda --full  # on a GPU (target there: >= 20x the loop)
 
@@ -307,6 +308,66 @@ def run_setting(s: Setting, methods: list[str], episodes: list[Episode], repeats
     return results
 
 
+def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
+    """``--phases``: where ours gains on the loop. At the same adapted weights phi (ours' inner solve from the same
+    initial theta), times each phase of one meta-update for the whole meta-batch, ours batched against the loop's
+    one task at a time (the same code as ``loop_imaml``): one support gradient (an inner step, 16 of them per
+    update), the query gradient, and the CG solve (``cg_steps`` Hessian-vector products). Medians, round robin."""
+    sx, sy, qx, qy = episode
+    for variant in VARIANTS:
+        torch.manual_seed(0)
+        net = Conv4(out_features=s.n_way, hidden=s.hidden, pool=variant).to(sx.device)
+        loss_fn = loss_for(qy)
+        phi, _ = inner_solve(net, loss_fn, params_of(net), sx, sy, lam=s.lam, inner_steps=s.inner_steps,
+                             inner_lr=s.inner_lr, solver="gd")
+        query_grad, _, _ = task_grads_and_outputs(net, loss_fn, phi, qx, qy)
+        fast = copy.deepcopy(net)
+        params = list(fast.parameters())
+
+        def per_task(step: Callable[[int], object]) -> None:  # the loop: load task i's phi, run the step
+            for i in range(episode.n_tasks):
+                with torch.no_grad():
+                    for name, p in fast.named_parameters():
+                        p.copy_(phi[name][i])
+                step(i)
+
+        def loop_grad(x: Tensor, y: Tensor) -> None:
+            per_task(lambda i: torch.autograd.grad(F.cross_entropy(fast(x[i]), y[i]), params))
+
+        def loop_cg(i: int) -> None:
+            def hessian_vector_product(v: Tensor) -> Tensor:
+                g = _flat(torch.autograd.grad(F.cross_entropy(fast(sx[i]), sy[i]), params, create_graph=True))
+                return _flat(torch.autograd.grad(g.dot(v), params))
+            b = torch.cat([query_grad[n][i].reshape(-1) for n, _ in fast.named_parameters()])
+            _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, b, s.cg_steps, s.cg_tol)
+
+        phases = {
+            "support gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, sx, sy), lambda: loop_grad(sx, sy)),
+            "query gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, qx, qy), lambda: loop_grad(qx, qy)),
+            f"CG solve ({s.cg_steps} HVPs)": (
+                lambda: implicit_meta_grad(net, loss_fn, phi, (sx, sy), query_grad, lam=s.lam, cg_steps=s.cg_steps,
+                                           cg_tol=s.cg_tol),
+                lambda: per_task(loop_cg)),
+        }
+        times: dict[tuple[str, int], list[float]] = {}
+        device = sx.device
+        for r in range(repeats + 1):  # r = 0: warm-up
+            for name, fns in phases.items():
+                for j, fn in enumerate(fns):
+                    _sync(device)
+                    start = time.perf_counter()
+                    fn()
+                    _sync(device)
+                    if r > 0:
+                        times.setdefault((name, j), []).append(time.perf_counter() - start)
+        print(f"\nphases, {s.name} {variant}, meta-batch {episode.n_tasks}, torch threads {torch.get_num_threads()} "
+              f"(ms for the whole meta-batch, medians of {repeats})")
+        print(f"{'phase':<22} | {'ours':>8} | {'loop':>8} | {'loop / ours':>11}")
+        for name in phases:
+            ours_ms, loop_ms = (1e3 * statistics.median(times[(name, j)]) for j in (0, 1))
+            print(f"{name:<22} | {ours_ms:8.1f} | {loop_ms:8.1f} | {loop_ms / ours_ms:10.2f}x")
+
+
 def ratio(results: dict[tuple[str, str], float], variant: str, method: str, ref: str) -> float | None:
     if (variant, method) in results and (variant, ref) in results:
         return results[(variant, method)] / results[(variant, ref)]
@@ -420,6 +481,8 @@ def main() -> None:
                         help="inner steps of learn2learn MAML (default: the same as the others')")
     parser.add_argument("--data-dir", default=None, help="folder with the Omniglot zips")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]: where every method runs (default cpu)")
+    parser.add_argument("--phases", action="store_true",
+                        help="also time each phase (support gradient, query gradient, CG solve), ours against the loop")
     parser.add_argument("--plot", default=None, help="bar chart path (default docs/meta_throughput.png; "
                         "with --quick a file in the temporary folder)")
     args = parser.parse_args()
@@ -478,6 +541,9 @@ def main() -> None:
         print(f"\nall targets met (ours iMAML-GD >= {target_vs_loop}x loop, >= {TARGET_VS_L2L}x learn2learn MAML "
               f"where measured)")
     plot(plot_path, rows, methods)
+    if args.phases:
+        for s in settings:
+            phase_times(s, episodes[s][0], repeats)
 
 
 if __name__ == "__main__":

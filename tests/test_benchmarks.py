@@ -21,7 +21,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "cg_fidelity": ["--quick", *plot],
         "env_steps": ["--quick", "--seconds", "0.05", *plot],
         "memory_vs_inner_steps": ["--steps", "2,3", "--maml-max-steps", "2", *plot],
-        "meta_throughput": ["--quick", *plot],
+        "meta_throughput": ["--quick", "--phases", *plot],
         "planning": ["--quick", *plot],
         "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "--plot", str(tmp / "plot.png")],
         "scaling": ["--quick", *plot],
