@@ -170,6 +170,17 @@ def _reference_cg(matvec: Callable[[Tensor], Tensor], b: Tensor, steps: int, tol
     return x
 
 
+def _loop_implicit_grad(fast: nn.Module, params: list[Tensor], sx: Tensor, sy: Tensor, query_grad: Tensor,
+                        s: Setting) -> Tensor:
+    """One task's (I + H / lam)^-1 query_grad at ``fast``'s weights, as the reference code: CG whose every Hessian-vector
+    product is reverse-over-reverse with a fresh forward and first backward."""
+    def hessian_vector_product(v: Tensor) -> Tensor:
+        g = _flat(torch.autograd.grad(F.cross_entropy(fast(sx), sy), params, create_graph=True))
+        return _flat(torch.autograd.grad(g.dot(v), params))
+
+    return _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, query_grad, s.cg_steps, s.cg_tol)
+
+
 def loop_imaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
     """iMAML-GD one task at a time, written like the authors' reference code (aravindr93/imaml_dev,
     examples/omniglot_implicit_maml.py): one fast learner whose weights are reset to theta per task."""
@@ -190,13 +201,7 @@ def loop_imaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
                 for p, g in zip(params, grads):
                     p.sub_(s.inner_lr * g)
         query_grad = _flat(torch.autograd.grad(F.cross_entropy(fast(qx), qy), params))
-
-        def hessian_vector_product(v: Tensor) -> Tensor:  # reverse-over-reverse, a fresh forward per product
-            g = _flat(torch.autograd.grad(F.cross_entropy(fast(sx), sy), params, create_graph=True))
-            return _flat(torch.autograd.grad(g.dot(v), params))
-
-        implicit = _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, query_grad, s.cg_steps, s.cg_tol)
-        meta_grad += implicit / ep.n_tasks
+        meta_grad += _loop_implicit_grad(fast, params, sx, sy, query_grad, s) / ep.n_tasks
     chunks = torch.split(meta_grad, [t.numel() for t in theta])
     return {name: chunk.view_as(p) for (name, p), chunk in zip(net.named_parameters(), chunks)}
 
@@ -335,11 +340,8 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
             per_task(lambda i: torch.autograd.grad(F.cross_entropy(fast(x[i]), y[i]), params))
 
         def loop_cg(i: int) -> None:
-            def hessian_vector_product(v: Tensor) -> Tensor:
-                g = _flat(torch.autograd.grad(F.cross_entropy(fast(sx[i]), sy[i]), params, create_graph=True))
-                return _flat(torch.autograd.grad(g.dot(v), params))
-            b = torch.cat([query_grad[n][i].reshape(-1) for n, _ in fast.named_parameters()])
-            _reference_cg(lambda v: v + hessian_vector_product(v) / s.lam, b, s.cg_steps, s.cg_tol)
+            b = _flat([query_grad[n][i] for n, _ in fast.named_parameters()])
+            _loop_implicit_grad(fast, params, sx[i], sy[i], b, s)
 
         phases = {
             "support gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, sx, sy), lambda: loop_grad(sx, sy)),

@@ -78,8 +78,10 @@ class Conv4(nn.Module):
         (per task and channel, as each copy alone), ReLU/max-pool as they are, a batched head. Under
         ``vmap`` the convolutions' batching rules copy activations between layouts at every layer;
         here they stay in one layout throughout, and no ``vmap`` is involved, so derivatives of any order
-        (``grad``, ``jvp`` of ``grad``) run on plain kernels. Two of them are ours, for speed on CPU: the grouped
-        convolution's double backward (:func:`_grouped_conv`) and the 2 x 2 max-pool's forward (:func:`_max_pool`).
+        (``grad``, ``jvp`` of ``grad``) run on plain kernels. Some are ours, for speed on CPU: the grouped
+        convolution's double backward (:func:`_grouped_conv`), the 2 x 2 max-pool's forward (:func:`_max_pool`),
+        BatchNorm's double backward (:func:`_batch_norm`) and the max-pool blocks' fused pooling and statistics
+        (:func:`_conv_bn_relu_max_pool`).
         A subclass that changes ``forward`` must change this too (tests/test_functional.py checks it equals the
         ``vmap`` path).
         """
@@ -239,10 +241,15 @@ class _ChannelStats(torch.autograd.Function):
 
 
 def _channel_stats_vjp(x: Tensor, mean: Tensor, g_mean: Tensor, g_var: Tensor) -> Tensor:
-    """d/dx of ``<g_mean, mean(x)> + <g_var, var(x)>`` = (g_mean + 2 g_var (x - mean)) / n, differentiable."""
+    """d/dx of ``<g_mean, mean(x)> + <g_var, var(x)>`` = (g_mean + 2 g_var (x - mean)) / n: differentiable under grad
+    mode (a backward that is itself differentiated), else in place on one fresh buffer (three vectorised passes; an
+    ``addcmul`` with two per-channel operands is not vectorised)."""
     n = x.numel() // x.shape[1]
     # centred first: x * scale - mean * scale would lose the centred part to float32 cancellation if |mean| >> std
-    return torch.addcmul((g_mean / n)[:, None, None], x - mean[:, None, None], (2 * g_var / n)[:, None, None])
+    centred, scale, shift = x - mean[:, None, None], (2 * g_var / n)[:, None, None], (g_mean / n)[:, None, None]
+    if torch.is_grad_enabled():
+        return torch.addcmul(shift, centred, scale)
+    return centred.mul_(scale).add_(shift)
 
 
 def _channel_stats_jvp(x: Tensor, mean: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -297,10 +304,10 @@ def _max_pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
     rows, cols = out.shape[-2:]
     corner = ((torch.arange(rows, device=x.device) * 2 * width)[:, None]
               + torch.arange(0, 2 * cols, 2, device=x.device)).to(x.dtype)
-    index = torch.lerp(right_top, right_bottom.add_(width), lower)  # exact small integers (float32: below 2^24)
-    # an index from a NaN would be written through by the backward: kept inside its window (torch.sign(NaN) is 0 on
-    # CPU; nan_to_num_ makes sure of it wherever that may differ)
-    return out, index.nan_to_num_(0.0).add_(corner).long()
+    # exact small integers (float32: below 2^24). A NaN never makes an index leave its window, which the backward
+    # would write through: torch.sign(NaN) is 0 ((0 < a) - (a < 0), on CPU and CUDA; tested)
+    index = torch.lerp(right_top, right_bottom.add_(width), lower)
+    return out, index.add_(corner).long()
 
 
 def _max_pool_vjp(g: Tensor, x: Tensor, index: Tensor) -> Tensor:
@@ -334,12 +341,10 @@ class _PooledStats(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g: Tensor, _: Tensor, g_mean: Tensor, g_var: Tensor) -> Tensor:
         x, index, mean = ctx.saved_tensors
+        d_x = _channel_stats_vjp(x, mean, g_mean, g_var)
         if torch.is_grad_enabled():  # the backward is itself differentiated
-            return _channel_stats_vjp(x, mean, g_mean, g_var) + _max_pool_vjp(g, x, index)
-        n = x.numel() // x.shape[1]
-        d_x = x - mean[:, None, None]  # (g_mean + 2 g_var (x - mean)) / n, centred first, then g at the maxima
-        d_x.mul_((2 * g_var / n)[:, None, None]).add_((g_mean / n)[:, None, None])
-        d_x.flatten(-2).scatter_add_(-1, index.flatten(-2), g.reshape(index.shape).flatten(-2))
+            return d_x + _max_pool_vjp(g, x, index)
+        d_x.flatten(-2).scatter_add_(-1, index.flatten(-2), g.reshape(index.shape).flatten(-2))  # g at the maxima
         return d_x
 
     @staticmethod
