@@ -83,6 +83,9 @@ def main() -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     parser.add_argument("--steps", default="5,10,25,50,100")
     parser.add_argument("--maml-max-steps", type=int, default=50, help="skip MAML above this (its memory grows)")
+    parser.add_argument("--chunks", default=None,
+                        help="task_chunk_size values of the second table (default 1,2,4,meta-batch/2,meta-batch)")
+    parser.add_argument("--chunk-steps", type=int, default=16, help="inner steps of the second table (default 16)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "memory_vs_inner_steps.png"))
     parser.add_argument("--cell", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -93,6 +96,9 @@ def main() -> None:
 
     meta_batch = 32 if args.full else 8
     steps = [int(s) for s in args.steps.split(",")]
+    sizes = ([int(c) for c in args.chunks.split(",")] if args.chunks else [1, 2, 4, meta_batch // 2, meta_batch])
+    if min(sizes) < 1 or args.chunk_steps < 1:
+        parser.error(f"--chunks {args.chunks} and --chunk-steps {args.chunk_steps} must be >= 1")
     print(machine_line())
     print(f"Omniglot 5w1s, 5 queries/class, Conv-4 (64 ch), meta-batch {meta_batch}, device {args.device}; "
           f"peak memory above the process's baseline, one fresh process per cell")
@@ -109,10 +115,10 @@ def main() -> None:
     if min(steps) in imaml and max(steps) in imaml:
         ratio = imaml[max(steps)] / imaml[min(steps)]
         print(f"iMAML peak at {max(steps)} / at {min(steps)} inner steps: {ratio:.2f}x (target <= 1.1x)")
-    print(f"\n{'task_chunk_size':>15} {'peak MiB':>9} {'tasks/s':>8}   (iMAML, 16 inner steps)")
+    print(f"\n{'task_chunk_size':>15} {'peak MiB':>9} {'tasks/s':>8}   (iMAML, {args.chunk_steps} inner steps)")
     chunks = []
-    for chunk in sorted({1, 2, 4, meta_batch // 2, meta_batch}):
-        r = run_cell("imaml", 16, meta_batch, chunk, args.device)
+    for chunk in sorted(set(sizes)):
+        r = run_cell("imaml", args.chunk_steps, meta_batch, chunk, args.device)
         chunks.append(r)
         print(f"{chunk:>15} {r['peak_mib']:>9.0f} {r['tasks_per_s']:>8.1f}")
     try:
@@ -136,7 +142,7 @@ def main() -> None:
     b2 = b.twinx()
     b2.plot([r["chunk"] for r in chunks], [r["tasks_per_s"] for r in chunks], marker="s", color="C1")
     b2.set_ylabel("tasks/s", color="C1")
-    b.set_title("iMAML, 16 inner steps")
+    b.set_title(f"iMAML, {args.chunk_steps} inner steps")
     fig.tight_layout()
     fig.savefig(args.plot, dpi=100)
     print(f"plot: {args.plot}")

@@ -29,7 +29,7 @@ channels, 8 GD inner steps, lam 2, 5 CG steps, 5 queries per class, meta-batch 8
 
     python benchmarks/scaling.py            # 40 steps per run, meta-batch 4..32, ~6 minutes on 2 quiet cores
     python benchmarks/scaling.py --full     # 200 steps, meta-batch 4..64, 1/2/4 processes (cores allowing), 3 runs each
-    python benchmarks/scaling.py --quick    # smoke test: 8 steps per run, meta-batch 2 and 4, plot in /tmp
+    python benchmarks/scaling.py --quick    # smoke test: 8 steps per run, meta-batch 4 and 8, plot in /tmp
     python benchmarks/scaling.py --no-gpu   # CPU only, even where CUDA is available
 
 Run it on a quiet machine: with N processes on N cores, anything else running takes a core from a rank and
@@ -292,7 +292,7 @@ def main() -> None:
     parser.add_argument("--processes", type=int, nargs="+", default=None,
                         help="CPU process counts (default 1 2; full also 4 where there are >= 4 cores)")
     parser.add_argument("--meta-batches", type=int, nargs="+", default=None,
-                        help="meta-batch sizes of the 1-process sweep (default 4 8 16 32; quick 2 4; full 4..64)")
+                        help="meta-batch sizes of the 1-process sweep (default 4 8 16 32; quick 4 8; full 4..64)")
     parser.add_argument("--repeats", type=int, default=None,
                         help="runs per setting, taking turns; the median is reported (default 1; full 3)")
     parser.add_argument("--profile-repeats", type=int, default=None, help="timed meta-steps (default 5; quick 2)")
@@ -302,13 +302,13 @@ def main() -> None:
     parser.add_argument("--plot", type=Path, default=None,
                         help="default docs/scaling.png; with --quick /tmp/scaling_quick.png")
     size = parser.add_mutually_exclusive_group()
-    size.add_argument("--quick", action="store_true", help="smoke test: 8 steps per run, meta-batch 2 and 4")
+    size.add_argument("--quick", action="store_true", help="smoke test: 8 steps per run, meta-batch 4 and 8")
     size.add_argument("--full", action="store_true", help="200 steps per run, meta-batch 4..64, up to 4 processes")
     args = parser.parse_args()
     cores = os.cpu_count() or 1
     steps, warmup, batches, processes, n_runs, repeats = 40, 4, [4, 8, 16, 32], [1, 2], 1, 5
     if args.quick:
-        steps, warmup, batches, repeats = 8, 2, [2, 4], 2
+        steps, warmup, batches, repeats = 8, 2, [4, 8], 2  # 8: the 1-process run, reused
     elif args.full:
         steps, warmup, batches, n_runs, repeats = 200, 10, [4, 8, 16, 32, 64], 3, 10
         processes = [1, 2, 4] if cores >= 4 else [1, 2]
