@@ -98,7 +98,7 @@ def main() -> None:
     steps = [int(s) for s in args.steps.split(",")]
     sizes = ([int(c) for c in args.chunks.split(",")] if args.chunks else [1, 2, 4, meta_batch // 2, meta_batch])
     if min(sizes) < 1 or args.chunk_steps < 1:
-        parser.error(f"--chunks {args.chunks} and --chunk-steps {args.chunk_steps} must be >= 1")
+        parser.error(f"task_chunk_size values {sizes} (--chunks) and --chunk-steps {args.chunk_steps} must be >= 1")
     print(machine_line())
     print(f"Omniglot 5w1s, 5 queries/class, Conv-4 (64 ch), meta-batch {meta_batch}, device {args.device}; "
           f"peak memory above the process's baseline, one fresh process per cell")

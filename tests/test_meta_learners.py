@@ -87,9 +87,9 @@ def test_two_ddp_processes_give_the_parameters_of_one(tmp_path, task):
 
 # ---------------------------------------------------------------- bad input
 
-def episode(n_tasks=3, labels=None):
+def episode(n_tasks=3, labels=None, dtype=torch.float32):
     y = torch.arange(5).repeat(n_tasks, 1) if labels is None else labels
-    x = torch.rand(n_tasks, 5, 1, 28, 28)
+    x = torch.rand(n_tasks, 5, 1, 28, 28, dtype=dtype)
     return Episode(x, y, x, y)
 
 
@@ -145,8 +145,7 @@ def test_task_chunks_give_the_same_update(make):
     # of gradients that are zero in exact arithmetic, e.g. conv biases before BatchNorm). In float64, so
     # the check is tight: in float32 the inner steps and CG amplify summation-order rounding to ~1e-6
     # relative, above any tolerance that would still catch a chunk-boundary bug.
-    ep = episode(n_tasks=5)
-    ep = Episode(ep.support_x.double(), ep.support_y, ep.query_x.double(), ep.query_y)
+    ep = episode(n_tasks=5, dtype=torch.float64)
     results = []
     for chunk in (None, 2, 1):
         torch.manual_seed(0)
