@@ -8,6 +8,7 @@ per env, so it only pays off with spare cores.
 
     python benchmarks/env_steps.py            # ~1-2 min
     python benchmarks/env_steps.py --quick    # ~20 s
+    python benchmarks/env_steps.py --full     # 5 s per measurement
 
 Writes docs/env_steps.png (bar chart) and prints the table with the machine line.
 """
@@ -116,11 +117,14 @@ def plot(rows, raw: float, path: Path, title: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="short timings (~20 s in all)")
-    parser.add_argument("--seconds", type=float, default=None, help="timing per measurement (default 1.5, quick 0.25)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="short timings (~20 s in all)")
+    size.add_argument("--full", action="store_true", help="long timings (5 s per measurement)")
+    parser.add_argument("--seconds", type=float, default=None,
+                        help="timing per measurement (default 1.5, quick 0.25, full 5)")
     parser.add_argument("--plot", default=str(REPO / "docs" / "env_steps.png"))
     args = parser.parse_args()
-    seconds = args.seconds or (0.25 if args.quick else 1.5)
+    seconds = args.seconds or (0.25 if args.quick else 5.0 if args.full else 1.5)
     line = machine_line()
     print(line)
     print(f"mujoco {mujoco.__version__} | gymnasium {gym.__version__} | {seconds:g} s per measurement | "

@@ -9,7 +9,7 @@ state change, on the episodes' own windows), and the environment steps each meth
     python benchmarks/rl_returns.py --envs halfcheetah_crippled              # CPU budget configs
     python benchmarks/rl_returns.py --quick                                  # smoke: tiny budget, minutes
     python benchmarks/rl_returns.py --episode-length 300 --set --trainer.max_epochs 4   # a smaller budget
-    python benchmarks/rl_returns.py --envs halfcheetah_crippled ant_crippled halfcheetah_pier --episodes 10
+    python benchmarks/rl_returns.py --full                                   # all three envs, all methods
     python benchmarks/rl_returns.py --load a.json b.json     # table + plot from earlier --json runs
 
 Writes a table to stdout and a bar chart to docs/rl_returns.png (``--plot``). Runs in the current
@@ -37,6 +37,7 @@ from lit_meta.rl import evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grbal", "rebal", "mbmpc")
+ENVS = ("halfcheetah_crippled", "ant_crippled", "halfcheetah_pier")
 QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", "--data.init_args.rollouts_per_round",
          "1", "--data.init_args.rollout_length", "100", "--data.init_args.steps_per_epoch", "20",
          "--data.init_args.val_rollouts", "1", "--data.init_args.eval_episodes", "50",
@@ -76,11 +77,14 @@ def run(method: str, env: str, args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--envs", nargs="+", default=["halfcheetah_crippled"])
+    parser.add_argument("--envs", nargs="+", default=None, choices=ENVS,
+                        help="default halfcheetah_crippled; with --full all three")
     parser.add_argument("--methods", nargs="+", default=list(METHODS))
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--episode-length", type=int, default=1000)
-    parser.add_argument("--quick", action="store_true", help="tiny budget and short episodes (smoke test)")
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="tiny budget and short episodes (smoke test)")
+    size.add_argument("--full", action="store_true", help="every env of the comparison (%s)" % ", ".join(ENVS))
     parser.add_argument("--set", nargs=argparse.REMAINDER, default=[],
                         help="train.py overrides for every config, last on the line, e.g. --set "
                              "--model.init_args.mpc '{\"n_candidates\": 200}' --trainer.max_epochs 4")
@@ -95,6 +99,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.quick:
         args.episodes = min(args.episodes, 2)
+    args.envs = args.envs or (list(ENVS) if args.full else ["halfcheetah_crippled"])
     if args.threads:
         torch.set_num_threads(args.threads)
     print(machine_line())

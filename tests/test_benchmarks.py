@@ -24,7 +24,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
                                   *plot],
         "meta_throughput": ["--quick", "--phases", *plot],
         "planning": ["--quick", *plot],
-        "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "--episodes", "2", "--plot", str(tmp / "plot.png")],
+        "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "--plot", str(tmp / "plot.png")],
         "scaling": ["--quick", *plot],
         "soak_ddp": ["--minutes", "0.4", "--sample-s", "8", "--warmup-min", "0.1", "--compare-steps", "5",
                      "--out", str(tmp / "soak"), *plot],
