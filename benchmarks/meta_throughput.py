@@ -34,7 +34,8 @@ tasks/s; a WARNING line is printed for each missed target.
     python benchmarks/meta_throughput.py --threads 1 2 4 --repeats 5
     python benchmarks/meta_throughput.py --full                # + 20w1s, 25 inner steps, meta-batch 16
     python benchmarks/meta_throughput.py --methods "ours iMAML-GD,loop iMAML (reference-style)"
-    python benchmarks/meta_throughput.py --phases --methods imaml,loop  # + ms per phase, ours vs the loop
+    python benchmarks/meta_throughput.py --phases --methods imaml,loop  # + ms per phase, ours vs the loop, and
+                                                                  # the ceiling that convolution time sets
     python benchmarks/meta_throughput.py --quick               # smoke test: 2 tasks, 2 steps, hidden 8
     python benchmarks/meta_throughput.py --device cuda --full  # on a GPU (target there: >= 20x the loop)
 
@@ -313,11 +314,59 @@ def run_setting(s: Setting, methods: list[str], episodes: list[Episode], repeats
     return results
 
 
+CONV_KERNELS = ("aten::mkldnn_convolution", "aten::convolution_backward")  # where a CPU convolution's time is spent
+
+
+def conv_share(fn: Callable[[], object], repeats: int) -> float:
+    """The fraction of ``fn``'s wall time spent inside convolution kernels (forward and backward, the derivatives'
+    convolutions included): torch.profiler's self CPU time of :data:`CONV_KERNELS` over the wall time of the same
+    profiled call, median of ``repeats`` calls (a fraction, so that a slower moment of a noisy machine during the
+    profiled calls does not count as convolution time)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    shares = []
+    for _ in range(repeats):
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
+            fn()
+            wall = time.perf_counter() - start
+        conv = sum(e.self_cpu_time_total for e in prof.key_averages() if e.key in CONV_KERNELS) / 1e6
+        shares.append(conv / wall)
+    return statistics.median(shares)
+
+
+def gflops(fn: Callable[[], object], flop: float, repeats: int = 10) -> float:
+    """GFLOP/s of ``fn`` (which does ``flop`` floating-point operations), median of ``repeats`` after 2 warm-ups."""
+    seconds = []
+    for r in range(repeats + 2):
+        start = time.perf_counter()
+        fn()
+        if r >= 2:
+            seconds.append(time.perf_counter() - start)
+    return flop / statistics.median(seconds) / 1e9
+
+
+def compute_peak(s: Setting) -> str:
+    """On CPU, how fast the convolutions already run: GFLOP/s of a 2048^3 float32 matmul (the machine's practical
+    peak) beside the max-pool net's second convolution on the support set (grouped, one group per task)."""
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    n, c = s.n_way * s.k_shot, s.hidden
+    x, w = torch.randn(n, s.meta_batch * c, 14, 14), torch.randn(s.meta_batch * c, c, 3, 3)
+    matmul = gflops(lambda: a @ b, 2 * 2048 ** 3)
+    conv = gflops(lambda: F.conv2d(x, w, padding=1, groups=s.meta_batch), 2 * n * s.meta_batch * c * c * 9 * 14 * 14)
+    return (f"float32 GFLOP/s at {torch.get_num_threads()} threads: 2048^3 matmul {matmul:.0f}, the max-pool net's "
+            f"layer-2 grouped convolution ({n} x {s.meta_batch * c} x 14 x 14, {s.meta_batch} groups) {conv:.0f}")
+
+
 def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
     """``--phases``: where ours gains on the loop. At the same adapted weights phi (ours' inner solve from the same
     initial theta), times each phase of one meta-update for the whole meta-batch, ours batched against the loop's
-    one task at a time (the same code as ``loop_imaml``): one support gradient (an inner step, 16 of them per
-    update), the query gradient, and the CG solve (``cg_steps`` Hessian-vector products). Medians, round robin."""
+    one task at a time (the same code as ``loop_imaml``): one support gradient (an inner step, ``inner_steps`` of
+    them per update), the query gradient, and the CG solve (``cg_steps`` Hessian-vector products). Medians, round
+    robin. On CPU also the part of each spent in convolution kernels (oneDNN's, which ours and the loop both call;
+    :func:`conv_share`): "loop / ours convs" is the most ours could gain on the loop with these kernels and
+    convolution FLOPs, i.e. if all its other work took no time; last, the GFLOP/s the convolutions run at beside a
+    large matmul's (:func:`compute_peak`)."""
     sx, sy, qx, qy = episode
     for variant in VARIANTS:
         torch.manual_seed(0)
@@ -343,10 +392,11 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
             b = _flat([query_grad[n][i] for n, _ in fast.named_parameters()])
             _loop_implicit_grad(fast, params, sx[i], sy[i], b, s)
 
+        cg_name = f"CG solve ({s.cg_steps} HVPs)"
         phases = {
             "support gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, sx, sy), lambda: loop_grad(sx, sy)),
             "query gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, qx, qy), lambda: loop_grad(qx, qy)),
-            f"CG solve ({s.cg_steps} HVPs)": (
+            cg_name: (
                 lambda: implicit_meta_grad(net, loss_fn, phi, (sx, sy), query_grad, lam=s.lam, cg_steps=s.cg_steps,
                                            cg_tol=s.cg_tol),
                 lambda: per_task(loop_cg)),
@@ -362,12 +412,36 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
                     _sync(device)
                     if r > 0:
                         times.setdefault((name, j), []).append(time.perf_counter() - start)
+        ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
+        on_cpu = device.type == "cpu"
+        conv = {(name, j): conv_share(fn, repeats) * ms[(name, j)] for name, fns in phases.items()
+                for j, fn in enumerate(fns)} if on_cpu else {}  # ms in convolution kernels
+        # one meta-update = inner_steps support gradients + the query gradient + the CG solve (the GD updates' few
+        # elementwise operations aside)
+        count = {"support gradient": s.inner_steps, "query gradient": 1, cg_name: 1}
+        total = f"meta-update ({s.inner_steps} x support + query + CG)"
+        for source in (ms, conv):
+            for j in (0, 1):
+                if source:
+                    source[(total, j)] = sum(count[name] * source[(name, j)] for name in phases)
         print(f"\nphases, {s.name} {variant}, meta-batch {episode.n_tasks}, torch threads {torch.get_num_threads()} "
-              f"(ms for the whole meta-batch, medians of {repeats})")
-        print(f"{'phase':<22} | {'ours':>8} | {'loop':>8} | {'loop / ours':>11}")
-        for name in phases:
-            ours_ms, loop_ms = (1e3 * statistics.median(times[(name, j)]) for j in (0, 1))
-            print(f"{name:<22} | {ours_ms:8.1f} | {loop_ms:8.1f} | {loop_ms / ours_ms:10.2f}x")
+              f"(ms for the whole meta-batch, medians of {repeats}; 'convs': the part in convolution kernels)")
+        header = f"{'phase':<40} | {'ours':>8} | {'loop':>8} | {'loop / ours':>11}"
+        if on_cpu:
+            header += f" | {'ours convs':>10} | {'loop convs':>10} | {'loop / ours convs':>17}"
+        print(header)
+        for name in (*phases, total):
+            ours_ms, loop_ms = ms[(name, 0)], ms[(name, 1)]
+            line = f"{name:<40} | {ours_ms:8.1f} | {loop_ms:8.1f} | {loop_ms / ours_ms:10.2f}x"
+            if on_cpu:
+                line += (f" | {conv[(name, 0)]:10.1f} | {conv[(name, 1)]:10.1f} | "
+                         f"{loop_ms / conv[(name, 0)]:16.2f}x")
+            print(line)
+        if on_cpu:
+            print(f"(ours' ceiling against the loop with these convolution kernels: "
+                  f"{ms[(total, 1)] / conv[(total, 0)]:.2f}x per meta-update; target {TARGET_VS_LOOP}x)")
+    if sx.device.type == "cpu":
+        print(compute_peak(s))
 
 
 def ratio(results: dict[tuple[str, str], float], variant: str, method: str, ref: str) -> float | None:
