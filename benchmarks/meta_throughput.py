@@ -248,14 +248,18 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def timed_update(method: Callable, net: nn.Module, optimizer: torch.optim.Optimizer, ep: Episode,
-                 s: Setting) -> float:
-    device = next(net.parameters()).device
+def seconds(fn: Callable[[], object], device: torch.device = torch.device("cpu")) -> float:
+    """Wall time of one call of ``fn``, with the device's queued work finished before and after."""
     _sync(device)
     start = time.perf_counter()
-    meta_update(net, optimizer, method(net, ep, s))
+    fn()
     _sync(device)
     return time.perf_counter() - start
+
+
+def timed_update(method: Callable, net: nn.Module, optimizer: torch.optim.Optimizer, ep: Episode,
+                 s: Setting) -> float:
+    return seconds(lambda: meta_update(net, optimizer, method(net, ep, s)), next(net.parameters()).device)
 
 
 def relative_error(a: Params, b: Params) -> float:
@@ -337,13 +341,9 @@ def conv_share(fn: Callable[[], object], repeats: int) -> float:
 
 def gflops(fn: Callable[[], object], flop: float, repeats: int = 10) -> float:
     """GFLOP/s of ``fn`` (which does ``flop`` floating-point operations), median of ``repeats`` after 2 warm-ups."""
-    seconds = []
-    for r in range(repeats + 2):
-        start = time.perf_counter()
+    for _ in range(2):
         fn()
-        if r >= 2:
-            seconds.append(time.perf_counter() - start)
-    return flop / statistics.median(seconds) / 1e9
+    return flop / statistics.median(seconds(fn) for _ in range(repeats)) / 1e9
 
 
 def compute_peak(s: Setting) -> str:
@@ -364,10 +364,11 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
     one task at a time (the same code as ``loop_imaml``): one support gradient (an inner step, ``inner_steps`` of
     them per update), the query gradient, and the CG solve (``cg_steps`` Hessian-vector products). Medians, round
     robin. On CPU also the part of each spent in convolution kernels (oneDNN's, which ours and the loop both call;
-    :func:`conv_share`): "loop / ours convs" is the most ours could gain on the loop with these kernels and
+    :func:`conv_share`): "ceiling: loop / ours convs" is the most ours could gain on the loop with these kernels and
     convolution FLOPs, i.e. if all its other work took no time; last, the GFLOP/s the convolutions run at beside a
     large matmul's (:func:`compute_peak`)."""
     sx, sy, qx, qy = episode
+    on_cpu = sx.device.type == "cpu"
     for variant in VARIANTS:
         torch.manual_seed(0)
         net = Conv4(out_features=s.n_way, hidden=s.hidden, pool=variant).to(sx.device)
@@ -402,45 +403,35 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
                 lambda: per_task(loop_cg)),
         }
         times: dict[tuple[str, int], list[float]] = {}
-        device = sx.device
         for r in range(repeats + 1):  # r = 0: warm-up
             for name, fns in phases.items():
                 for j, fn in enumerate(fns):
-                    _sync(device)
-                    start = time.perf_counter()
-                    fn()
-                    _sync(device)
+                    t = seconds(fn, sx.device)
                     if r > 0:
-                        times.setdefault((name, j), []).append(time.perf_counter() - start)
+                        times.setdefault((name, j), []).append(t)
         ms = {key: 1e3 * statistics.median(t) for key, t in times.items()}
-        on_cpu = device.type == "cpu"
         conv = {(name, j): conv_share(fn, repeats) * ms[(name, j)] for name, fns in phases.items()
                 for j, fn in enumerate(fns)} if on_cpu else {}  # ms in convolution kernels
         # one meta-update = inner_steps support gradients + the query gradient + the CG solve (the GD updates' few
         # elementwise operations aside)
         count = {"support gradient": s.inner_steps, "query gradient": 1, cg_name: 1}
         total = f"meta-update ({s.inner_steps} x support + query + CG)"
-        for source in (ms, conv):
-            for j in (0, 1):
-                if source:
-                    source[(total, j)] = sum(count[name] * source[(name, j)] for name in phases)
+        for source in (ms, conv) if on_cpu else (ms,):
+            source.update({(total, j): sum(count[name] * source[(name, j)] for name in phases) for j in (0, 1)})
         print(f"\nphases, {s.name} {variant}, meta-batch {episode.n_tasks}, torch threads {torch.get_num_threads()} "
               f"(ms for the whole meta-batch, medians of {repeats}; 'convs': the part in convolution kernels)")
         header = f"{'phase':<40} | {'ours':>8} | {'loop':>8} | {'loop / ours':>11}"
         if on_cpu:
-            header += f" | {'ours convs':>10} | {'loop convs':>10} | {'loop / ours convs':>17}"
+            header += f" | {'ours convs':>10} | {'loop convs':>10} | {'ceiling: loop / ours convs':>26}"
         print(header)
         for name in (*phases, total):
             ours_ms, loop_ms = ms[(name, 0)], ms[(name, 1)]
             line = f"{name:<40} | {ours_ms:8.1f} | {loop_ms:8.1f} | {loop_ms / ours_ms:10.2f}x"
             if on_cpu:
                 line += (f" | {conv[(name, 0)]:10.1f} | {conv[(name, 1)]:10.1f} | "
-                         f"{loop_ms / conv[(name, 0)]:16.2f}x")
+                         f"{loop_ms / conv[(name, 0)]:25.2f}x")
             print(line)
-        if on_cpu:
-            print(f"(ours' ceiling against the loop with these convolution kernels: "
-                  f"{ms[(total, 1)] / conv[(total, 0)]:.2f}x per meta-update; target {TARGET_VS_LOOP}x)")
-    if sx.device.type == "cpu":
+    if on_cpu:
         print(compute_peak(s))
 
 

@@ -127,7 +127,7 @@ def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tupl
     separate_bias = mask[2] and not mask[0]
     d_x, d_w, d_b = torch.ops.aten.convolution_backward(
         g, x, w, [w.shape[0]], list(stride), list(padding), [1, 1], False, [0, 0], groups,
-        [mask[0], mask[1], mask[2] and not separate_bias])
+        [mask[0], mask[1], mask[2] and mask[0]])
     return d_x, d_w, _channel_sum(g) if separate_bias else d_b
 
 
