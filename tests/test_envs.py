@@ -336,9 +336,8 @@ def test_non_finite_action_ends_episode(env_id, caplog):
     assert np.isfinite(obs).all() and env.step(np.zeros_like(action))[4]["unstable"] is False
 
 
-@pytest.mark.filterwarnings("ignore:overflow encountered in square:RuntimeWarning")
 @pytest.mark.parametrize("env_id", [CHEETAH, ANT, "lit_meta/HalfCheetahPier-v0"])
-@pytest.mark.parametrize("blow_up", ["huge_velocity", "nan_position", "huge_action"])
+@pytest.mark.parametrize("blow_up", ["huge_velocity", "nan_position"])  # a huge action is clipped: test_task_api.py
 def test_diverging_physics_is_caught(env_id, blow_up, caplog):
     env = make(env_id)
     env.reset(seed=0)
@@ -347,16 +346,13 @@ def test_diverging_physics_is_caught(env_id, blow_up, caplog):
     action = np.zeros(env.action_space.shape, np.float32)
     if blow_up == "huge_velocity":
         u.data.qvel[:] = 1e12
-    elif blow_up == "nan_position":
-        u.data.qpos[1] = np.nan
     else:
-        action[:] = 1e30  # finite, clamped by MuJoCo, but its control cost overflows to inf (numpy warns)
+        u.data.qpos[1] = np.nan
     with caplog.at_level(logging.WARNING, logger="lit_meta.envs"):
         obs, rew, term, trunc, info = env.step(action)
     np.testing.assert_array_equal(obs, last)
     assert np.isfinite(obs).all() and (rew, trunc, info["unstable"]) == (0.0, True, True)
-    expected = "non-finite reward" if blow_up == "huge_action" else "MuJoCo warning"
-    assert expected in info["unstable_reason"]
+    assert "MuJoCo warning" in info["unstable_reason"]
     assert sum(r.name == "lit_meta.envs" for r in caplog.records) == 1
 
 

@@ -8,6 +8,21 @@ Importing this package registers with gymnasium (namespace ``lit_meta``, ``max_e
     obs, info = env.reset(seed=0)                     # samples a task of the split
     obs, info = env.reset(options={"task": {"crippled_joint": "bthigh"}})
     info["task"], env.unwrapped.task_vector(), env.unwrapped.reward_fn(obs_t, act_t, next_obs_t)
+    lit_meta.envs.set_task(env, {"crippled_joint": "fthigh"})  # now, mid-episode: the state is kept
+    env.step(action)[4]["task_changed"]               # True once, on the next step
+    lit_meta.envs.get_task(env)                       # {"crippled_joint": "fthigh"}
+
+    vec = gym.make_vec("lit_meta/AntCrippledLeg-v0", num_envs=3)   # sync or async
+    vec.reset(seed=0)
+    lit_meta.envs.set_task(vec, {"crippled_leg": 1})                 # every sub-env
+    lit_meta.envs.set_task(vec, [{"crippled_leg": i} for i in (0, 1, -1)])  # one per sub-env
+
+Composed perturbations: ``compose=("mass_scale", "friction_scale")`` (either or both) makes every task
+carry those scales on top of the env's own perturbation (and appends them to the task vector);
+``HalfCheetahCrippledJoint`` / ``AntCrippledLeg`` accept several joints / legs at once where the split
+lists such a combination, e.g. ``train_joints=("bthigh", ("bthigh", "ffoot"))``. Actions outside the
+action space (``[-1, 1]``) are clipped before the physics and the control cost
+(``info["action_clipped"]``), and ``reward_fn`` clips alike.
 
 Ids: HalfCheetahCrippledJoint, HalfCheetahSlopes, HalfCheetahPier, HalfCheetahMass,
 HalfCheetahFriction, AntCrippledLeg, AntMass, AntFriction (all ``-v0``). Rendering
@@ -24,6 +39,7 @@ import gymnasium as gym
 
 from . import rewards
 from .ant import AntCrippledLegEnv, AntFrictionEnv, AntMassEnv, AntTaskEnv
+from .base import COMPOSABLE, get_task, set_task
 from .half_cheetah import (HalfCheetahCrippledJointEnv, HalfCheetahFrictionEnv, HalfCheetahMassEnv,
                            HalfCheetahPierEnv, HalfCheetahSlopesEnv, HalfCheetahTaskEnv)
 
@@ -59,7 +75,8 @@ def _robot(env_id: str) -> str:
 def reward_fn(env_id: str, **weights) -> Callable:
     """The batched torch ``reward_fn(obs, action, next_obs)`` of ``env_id`` with its default weights
     (``dt=0.05``, v5 reward weights); override any with keyword arguments, e.g. ``ctrl_cost_weight=0.2``.
-    An env instance has the same function, bound to its actual settings, as ``env.unwrapped.reward_fn``."""
+    An env instance has the same function, bound to its actual settings, as ``env.unwrapped.reward_fn``.
+    Actions are clipped to ``[action_low, action_high]`` (default ``[-1, 1]``) as in the envs."""
     fn = rewards.half_cheetah_reward if _robot(env_id) == "half_cheetah" else rewards.ant_reward
     return functools.partial(fn, **weights)
 
@@ -71,6 +88,7 @@ def termination_fn(env_id: str, **settings) -> Callable:
     return functools.partial(fn, **settings)
 
 
-__all__ = ["ENV_IDS", "NAMESPACE", "reward_fn", "termination_fn", "rewards", "AntTaskEnv", "AntCrippledLegEnv",
-           "AntMassEnv", "AntFrictionEnv", "HalfCheetahTaskEnv", "HalfCheetahCrippledJointEnv", "HalfCheetahSlopesEnv",
-           "HalfCheetahPierEnv", "HalfCheetahMassEnv", "HalfCheetahFrictionEnv"]
+__all__ = ["ENV_IDS", "NAMESPACE", "COMPOSABLE", "reward_fn", "termination_fn", "set_task", "get_task", "rewards",
+           "AntTaskEnv", "AntCrippledLegEnv", "AntMassEnv", "AntFrictionEnv", "HalfCheetahTaskEnv",
+           "HalfCheetahCrippledJointEnv", "HalfCheetahSlopesEnv", "HalfCheetahPierEnv", "HalfCheetahMassEnv",
+           "HalfCheetahFrictionEnv"]

@@ -6,8 +6,15 @@ reward, and the observation ``qpos[0:9] + qvel[0:9]`` (18, float64) *including* 
 that :func:`lit_meta.envs.rewards.half_cheetah_reward` computes the reward from transitions.
 
 Tasks (see each class): ``HalfCheetahCrippledJoint``, ``HalfCheetahSlopes``, ``HalfCheetahPier``,
-``HalfCheetahMass``, ``HalfCheetahFriction``. Common kwargs: ``task_split``, ``change_every``, the v5
-reward weights, ``frame_skip``, ``reset_noise_scale`` and the MuJoCo render kwargs.
+``HalfCheetahMass``, ``HalfCheetahFriction``. Common kwargs: ``task_split``, ``change_every``,
+``compose`` (default None: extra ``mass_scale`` / ``friction_scale`` keys every task carries, applied on
+top of the env's own perturbation, one task-vector entry each; see :func:`lit_meta.envs.base.check_compose`),
+the v5 reward weights, ``frame_skip``, ``reset_noise_scale`` and the MuJoCo render kwargs.
+
+Actions (6, float32, ``[-1, 1]`` per actuator): an action outside ``[-1, 1]`` is clipped before the
+physics and the control cost, and the step's ``info["action_clipped"]`` is True (False otherwise);
+``reward_fn`` clips the same way. Mid-episode task switches from user code: ``env.unwrapped.set_task``,
+or :func:`lit_meta.envs.set_task` through wrappers / on vector envs (see :mod:`lit_meta.envs.base`).
 """
 
 from __future__ import annotations
@@ -68,14 +75,19 @@ def _reference_stat() -> tuple[float, np.ndarray]:
 
 
 class HalfCheetahTaskEnv(TaskEnvMixin, half_cheetah_v5.HalfCheetahEnv):
-    """Base: HalfCheetah v5 + the task API; subclasses define the tasks (and may edit the XML)."""
+    """Base: HalfCheetah v5 + the task API; subclasses define the tasks (and may edit the XML).
+
+    ``compose``: None (default) or the extra scale keys every task carries (``("mass_scale",)``,
+    ``("friction_scale",)`` or both, or a dict with their ranges; see
+    :func:`lit_meta.envs.base.check_compose`); mass scales the cheetah's bodies only.
+    """
 
     def __init__(self, task_split: str = "train", change_every: int | None = None, *,
                  forward_reward_weight: float = 1.0, ctrl_cost_weight: float = 0.1, reset_noise_scale: float = 0.1,
-                 frame_skip: int = 5, default_camera_config: dict | None = None, **kwargs):
+                 frame_skip: int = 5, default_camera_config: dict | None = None, compose=None, **kwargs):
         check_fixed_kwargs(type(self).__name__, kwargs,
                            {"xml_file": None, "exclude_current_positions_from_observation": False})
-        self._init_task_api(task_split, change_every)
+        self._init_task_api(task_split, change_every, compose)
         if kwargs.get("camera_id") is None and kwargs.get("camera_name") is None:
             kwargs["camera_name"] = "track"  # the model's com-tracking camera: the robot stays in view
         half_cheetah_v5.HalfCheetahEnv.__init__(
@@ -88,7 +100,7 @@ class HalfCheetahTaskEnv(TaskEnvMixin, half_cheetah_v5.HalfCheetahEnv):
         self._robot_body_ids = [self.model.body(b).id for b in BODIES]
         self.reward_fn = functools.partial(rewards.half_cheetah_reward, dt=self.dt,
                                            forward_reward_weight=forward_reward_weight,
-                                           ctrl_cost_weight=ctrl_cost_weight)
+                                           ctrl_cost_weight=ctrl_cost_weight, **rewards.action_bounds(self.action_space))
         self.termination_fn = rewards.half_cheetah_termination
         self._setup()
 
@@ -130,14 +142,42 @@ def _joint_name(value, name: str) -> str:
                      f"None) for the intact cheetah")
 
 
+def _joint_set(value, name: str) -> tuple[str, ...]:
+    """The crippled joints of a ``crippled_joint`` value (a joint, 'none'/None, or a list/tuple of joints),
+    in actuator order; ``()`` = intact."""
+    if isinstance(value, (list, tuple)):
+        joints = [_joint_name(v, name) for v in value]
+        if "none" in joints:
+            raise ValueError(f"{name}: crippled_joint={value!r} is not allowed: 'none' (None) cannot be in a list of "
+                             f"joints; use 'none' alone (or []) for the intact cheetah")
+        twice = next((j for j in joints if joints.count(j) > 1), None)
+        if twice is not None:
+            raise ValueError(f"{name}: crippled_joint={value!r} is not allowed: joint {twice!r} appears twice; name "
+                             f"each joint once")
+        return tuple(j for j in JOINTS if j in joints)
+    joint = _joint_name(value, name)
+    return () if joint == "none" else (joint,)
+
+
 class HalfCheetahCrippledJointEnv(HalfCheetahTaskEnv):
-    """One joint's actuator disabled (its gear set to 0: the action has no effect; its limb drawn red).
+    """Crippled joints: their actuators disabled (gear set to 0: the action has no effect; limbs drawn red).
 
     Task ``{"crippled_joint": name}`` with ``"none"`` for the intact cheetah (None is accepted too; a
     string either way, so vector-env infos stack); task vector: one-hot over the 6 actuated joints
     (all zero = intact). Default split, disjoint: train = {bthigh, bfoot, fthigh, ffoot} or none (intact);
-    test = the held-out shins {bshin, fshin} (one per leg, never disabled in training). The control
-    cost is charged on the commanded action (as ``reward_fn`` sees it).
+    test = the held-out shins {bshin, fshin} (one per leg, never disabled in training).
+
+    Several joints at once: an entry of ``train_joints`` / ``test_joints`` may be a tuple of joints,
+    e.g. ``train_joints=("bthigh", "ffoot", ("bthigh", "ffoot"))``; the task then names a list,
+    ``{"crippled_joint": ["bthigh", "ffoot"]}``, and the task vector is multi-hot. An env whose splits
+    hold such a combination reports every task's ``crippled_joint`` as a list of joints in actuator
+    order (``[]`` = intact; one type per key, so vector-env infos stack); without one, as above. A task
+    belongs to a split if its set of joints is one of the split's entries; no set may be in both.
+    ``compose=("mass_scale",)`` etc. add scale keys to every task (see :class:`HalfCheetahTaskEnv`).
+
+    Actions outside ``[-1, 1]`` are clipped (physics and control cost, ``info["action_clipped"]``);
+    the control cost is charged on the (clipped) action of every joint, crippled or not, as
+    ``reward_fn`` sees it.
     """
 
     task_dim = len(JOINTS)
@@ -146,21 +186,32 @@ class HalfCheetahCrippledJointEnv(HalfCheetahTaskEnv):
                  train_joints=("bthigh", "bfoot", "fthigh", "ffoot"), test_joints=("bshin", "fshin"),
                  train_intact: bool = True, **kwargs):
         name = type(self).__name__
-        self.train_joints = tuple(_joint_name(j, name) for j in train_joints)
-        self.test_joints = tuple(_joint_name(j, name) for j in test_joints)
-        if "none" in self.train_joints + self.test_joints:
+        train_sets = [_joint_set(j, name) for j in train_joints]
+        test_sets = [_joint_set(j, name) for j in test_joints]
+        if () in train_sets + test_sets:
             raise ValueError(f"{name}: 'none' is not allowed in train_joints/test_joints: use train_intact=True to "
                              f"include the intact cheetah in training")
-        if set(self.train_joints) & set(self.test_joints):
-            raise ValueError(f"{name}: train_joints {self.train_joints} and test_joints {self.test_joints} overlap: "
-                             f"make them disjoint so the test joints stay unseen")
-        if not self.test_joints or not (self.train_joints or train_intact):
+        self._multi = any(len(js) > 1 for js in train_sets + test_sets)
+        self.train_joints = tuple(self._value(js) for js in train_sets)
+        self.test_joints = tuple(self._value(js) for js in test_sets)
+        if set(train_sets) & set(test_sets):
+            both = [self._value(js) for js in train_sets if js in test_sets]
+            raise ValueError(f"{name}: train_joints {self.train_joints} and test_joints {self.test_joints} overlap "
+                             f"(both hold {both[0]!r}): make them disjoint so the test joints stay unseen")
+        if not test_sets or not (train_sets or train_intact):
             raise ValueError(f"{name}: each split needs at least one task: got train_joints={self.train_joints}, "
                              f"train_intact={train_intact}, test_joints={self.test_joints}")
         self.train_intact = bool(train_intact)
+        self._split_sets = {"train": train_sets + ([()] if self.train_intact else []), "test": test_sets}
         super().__init__(task_split, change_every, **kwargs)
         self._ezpickle(task_split=task_split, change_every=change_every, train_joints=train_joints,
                        test_joints=test_joints, train_intact=train_intact, **kwargs)
+
+    def _value(self, joints: tuple[str, ...]):
+        """The task value of a joint set: a name / "none", or a list where the splits hold combinations."""
+        if self._multi or len(joints) > 1:
+            return list(joints)
+        return joints[0] if joints else "none"
 
     def _setup(self):
         self._actuator = {j: self.model.actuator(j).id for j in JOINTS}
@@ -169,37 +220,42 @@ class HalfCheetahCrippledJointEnv(HalfCheetahTaskEnv):
         self._orig_rgba = self.model.geom_rgba.copy()
 
     def _split_tasks(self, split):
-        return (self.train_joints + (("none",) if self.train_intact else ())) if split == "train" else self.test_joints
+        return tuple(self._value(js) for js in self._split_sets[split])
 
     def _sample_task(self, rng):
-        tasks = self._split_tasks(self.task_split)
-        return {"crippled_joint": tasks[int(rng.integers(len(tasks)))]}
+        sets = self._split_sets[self.task_split]
+        return {"crippled_joint": self._value(sets[int(rng.integers(len(sets)))])}
 
     def _normalize_task(self, task, split):
         name = type(self).__name__
         if isinstance(task, dict):
             if set(task) != {"crippled_joint"}:
-                raise ValueError(f"{name}: task {task!r} is not allowed: expected {{'crippled_joint': <joint name or "
-                                 f"'none'>}}, joints {JOINTS}")
+                raise ValueError(f"{name}: task {task!r} is not allowed: expected {{'crippled_joint': <joint name, "
+                                 f"'none', or a list of joints>}}, joints {JOINTS}")
             task = task["crippled_joint"]
-        joint = _joint_name(task, name)
-        if split is not None and joint not in self._split_tasks(split):
+        joints = _joint_set(task, name)
+        value = self._value(joints)
+        if split is not None and joints not in self._split_sets[split]:
             other = "test" if split == "train" else "train"
-            raise ValueError(f"{name}: crippled_joint={joint!r} is not a {split} task (task_split={split!r} allows "
-                             f"{self._split_tasks(split)}); create the env with task_split={other!r} for it")
-        return {"crippled_joint": joint}
+            if joints in self._split_sets[other]:
+                raise ValueError(f"{name}: crippled_joint={value!r} is not a {split} task (task_split={split!r} allows "
+                                 f"{self._split_tasks(split)}); create the env with task_split={other!r} for it")
+            raise ValueError(f"{name}: crippled_joint={value!r} is in neither split (train: "
+                             f"{self._split_tasks('train')}; test: {self._split_tasks('test')}); add it to the "
+                             f"env's train_joints or test_joints (a tuple of joints for a combination, e.g. "
+                             f"train_joints=(..., {tuple(joints)!r}))")
+        return {"crippled_joint": value}
 
     def _encode_task(self, task):
         v = np.zeros(len(JOINTS))
-        if task["crippled_joint"] != "none":
-            v[JOINTS.index(task["crippled_joint"])] = 1.0
+        for joint in _joint_set(task["crippled_joint"], type(self).__name__):
+            v[JOINTS.index(joint)] = 1.0
         return v
 
     def _apply_task(self, task):
         self.model.actuator_gear[:] = self._orig_gear
         self.model.geom_rgba[:] = self._orig_rgba
-        joint = task["crippled_joint"]
-        if joint != "none":
+        for joint in _joint_set(task["crippled_joint"], type(self).__name__):
             self.model.actuator_gear[self._actuator[joint]] = 0.0
             self.model.geom_rgba[self._geom[joint]] = RED
 
