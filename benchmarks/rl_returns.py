@@ -33,10 +33,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
 from lit_meta.cli import main as cli_main  # noqa: E402
-from lit_meta.rl import evaluate  # noqa: E402
+from lit_meta.rl import RolloutCollector, TrueDynamics, evaluate  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grbal", "rebal", "mbmpc")
+#: the reference arms: the same planner on the true MuJoCo dynamics (upper bound), and uniform random actions
+REFERENCES = ("true", "random")
 ENVS = ("halfcheetah_crippled", "ant_crippled", "halfcheetah_pier")
 QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", "--data.init_args.rollouts_per_round",
          "1", "--data.init_args.rollout_length", "100", "--data.init_args.steps_per_epoch", "20",
@@ -44,7 +46,38 @@ QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", 
          "--model.init_args.mpc", '{"planner": "random_shooting", "horizon": 5, "n_candidates": 100}']
 
 
+def reference(method: str, env: str, args) -> dict:
+    """The true-dynamics planner (the mbmpc config's env and planner settings) or random actions: no training."""
+    config = yaml.safe_load((REPO / "configs" / f"mbmpc_{env}.yaml").read_text())
+    data, mpc = config["data"]["init_args"], dict(config["model"]["init_args"].get("mpc") or {})
+    mpc.update({"horizon": 5, "n_candidates": 100} if args.quick else {})
+    mpc.update({"n_candidates": args.eval_candidates} if args.eval_candidates else {})
+    length = 100 if args.quick else args.episode_length
+    start = time.perf_counter()
+    if method == "true":
+        result = evaluate(TrueDynamics(), data["env_id"], "test", episodes=args.episodes, episode_length=length,
+                          env_kwargs=data.get("env_kwargs"), n_envs=min(args.episodes, 5), seed=1234, **mpc)
+    else:
+        collector = RolloutCollector(data["env_id"], {**(data.get("env_kwargs") or {}), "task_split": "test"},
+                                     n_envs=min(args.episodes, 5))
+        try:
+            rollouts = collector.collect(collector.random_policy(), 1234, 0, range(args.episodes), length)
+        finally:
+            collector.close()
+        returns = np.array([float(r.reward.double().sum()) for r in rollouts])
+        result = {"returns": returns.tolist(), "mean_return": float(returns.mean()),
+                  "ci95": float(1.96 * returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else 0.0,
+                  "pred_error_pre": float("nan"), "pred_error_post": float("nan"),
+                  "env_steps": int(sum(r.length for r in rollouts)), "planner_ms_per_step": float("nan")}
+    result["eval_s"] = time.perf_counter() - start
+    print(f"{env} {method}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
+          f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
+    return {"train_env_steps": 0, "train_s": 0.0, "mpc": mpc if method == "true" else {}, "no_adapt": result}
+
+
 def run(method: str, env: str, args) -> dict:
+    if method in REFERENCES:
+        return reference(method, env, args)
     config = yaml.safe_load((REPO / "configs" / f"{method}_{env}.yaml").read_text())
     # no checkpoints (not kept); the config's monitors only with --monitors (in-training evaluation costs minutes)
     config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or []
@@ -56,7 +89,10 @@ def run(method: str, env: str, args) -> dict:
         path.write_text(yaml.safe_dump(config))
         cli = cli_main(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false",
                         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp, *extra])
-    train_s = time.perf_counter() - start
+        train_s = time.perf_counter() - start
+        if args.keep:
+            Path(args.keep).mkdir(parents=True, exist_ok=True)
+            cli.trainer.save_checkpoint(Path(args.keep) / f"{method}_{env}.ckpt")
     model, data = cli.model, cli.datamodule
     mpc = {**model.mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {}),
            **({"n_candidates": args.eval_candidates} if args.eval_candidates else {})}
@@ -79,7 +115,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=None, choices=ENVS,
                         help="default halfcheetah_crippled; with --full all three")
-    parser.add_argument("--methods", nargs="+", default=list(METHODS))
+    parser.add_argument("--methods", nargs="+", default=list(METHODS + REFERENCES), choices=METHODS + REFERENCES,
+                        help="learners, and the references: 'true' (the same planner on the true MuJoCo dynamics) "
+                             "and 'random' (uniform random actions)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--episode-length", type=int, default=1000)
     size = parser.add_mutually_exclusive_group()
@@ -94,6 +132,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--eval-candidates", type=int, default=None,
                         help="planner candidates at evaluation (default: the config's mpc.n_candidates)")
+    parser.add_argument("--keep", default=None, help="save each trained learner's checkpoint in this folder "
+                        "({method}_{env}.ckpt; for benchmarks/model_quality.py)")
     parser.add_argument("--monitors", action="store_true",
                         help="keep the configs' callbacks (DynamicsMonitor evaluates during training: slower)")
     args = parser.parse_args()

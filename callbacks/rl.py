@@ -36,6 +36,12 @@ class DynamicsMonitor(Callback):
         ``rollout/{split}_mean_return``, ``rollout/{split}_return_ci95``, ``rollout/{split}_pred_error_pre``,
         ``rollout/{split}_pred_error_post`` (K-step error on the episodes' windows without / with adaptation),
         ``rollout/{split}_planner_ms_per_step``, ``rollout/{split}_n_nonfinite``.
+        Every ``open_loop_every_n_epochs`` epochs (cheap: one batched model rollout, no simulation): open-loop
+        prediction quality on the DataModule's held-out-task validation rollouts
+        (:func:`lit_meta.rl.diagnostics.open_loop_errors`, the planner's horizon H, adapted on the M
+        transitions before each start; MB-MPC adapts nothing): ``model/open_loop_err_1``, ``model/open_loop_err_h`` (mean squared observation error
+        after 1 and H steps, units of the data's std), ``model/return_err``, ``model/return_bias`` (H-step
+        return predicted - true).
     Media (W&B only, global rank 0): ``rollout/{split}_returns`` (table: episode, return) with each evaluation;
     ``rollout/video`` every ``video_every_n_epochs`` epochs: one ``video_split`` episode of MPC with online
     adaptation, rendered headless (``MUJOCO_GL=egl`` by default) into a GIF (Pillow).
@@ -49,14 +55,17 @@ class DynamicsMonitor(Callback):
         video_length: env steps in the video. Default 200. video_split: its task split. Default "test".
         video_fps: GIF frames per second. Default 20. video_width: frames resized to this width. Default 240.
         seed: seed of the evaluation episodes. Default 12345.
+        open_loop_every_n_epochs: open-loop diagnostics every n epochs; 0: never. Default 1.
     """
 
     def __init__(self, eval_every_n_epochs: int = 0, eval_episodes: int = 2, eval_episode_length: int = 200,
                  eval_splits: Sequence[str] = ("test",), eval_n_envs: int = 2, video_every_n_epochs: int = 0,
                  video_length: int = 200, video_split: str = "test", video_fps: int = 20, video_width: int = 240,
-                 seed: int = 12345) -> None:
-        if eval_every_n_epochs < 0 or video_every_n_epochs < 0:
-            raise ValueError("eval_every_n_epochs and video_every_n_epochs must be >= 0 (0: never)")
+                 seed: int = 12345, open_loop_every_n_epochs: int = 1) -> None:
+        if eval_every_n_epochs < 0 or video_every_n_epochs < 0 or open_loop_every_n_epochs < 0:
+            raise ValueError("eval_every_n_epochs, video_every_n_epochs and open_loop_every_n_epochs must be >= 0 "
+                             "(0: never)")
+        self.open_loop_every_n_epochs = open_loop_every_n_epochs
         self.eval_every_n_epochs, self.eval_episodes, self.eval_episode_length = eval_every_n_epochs, eval_episodes, eval_episode_length
         self.eval_splits, self.eval_n_envs = list(eval_splits), eval_n_envs
         self.video_every_n_epochs, self.video_length, self.video_split = video_every_n_epochs, video_length, video_split
@@ -78,6 +87,8 @@ class DynamicsMonitor(Callback):
         data = getattr(trainer, "datamodule", None)
         if not hasattr(data, "env_id"):
             return
+        if self._due(self.open_loop_every_n_epochs, trainer) and len(getattr(data, "val_buffer", ())):
+            log_scalars(pl_module, self._open_loop(pl_module, data), batch_size=1)
         if self._due(self.eval_every_n_epochs, trainer):
             run = wandb_run(trainer)
             for split in self.eval_splits:
@@ -102,6 +113,26 @@ class DynamicsMonitor(Callback):
     def _mpc(self, pl_module: L.LightningModule) -> dict[str, Any]:
         return {k: v for k, v in dict(getattr(pl_module, "mpc", {}) or {}).items()
                 if k in ("planner", "horizon", "n_candidates", "planner_kwargs")}
+
+    def _open_loop(self, pl_module: L.LightningModule, data: Any) -> dict[str, float]:
+        import torch
+
+        from lit_meta.rl.control import env_reward_fns
+        from lit_meta.rl.diagnostics import open_loop_errors
+
+        reward_fn, _ = env_reward_fns(data.env_id, {**(getattr(data, "env_kwargs", None) or {}), "task_split": "test"})
+        was_training = pl_module.training
+        pl_module.eval()
+        try:
+            segments = [s._replace(**{k: getattr(s, k).to(pl_module.device) for k in ("obs", "action", "next_obs")})
+                        for s in data.val_buffer.segments()]
+            with torch.inference_mode(False):
+                out = open_loop_errors(pl_module, segments, reward_fn, horizon=self._mpc(pl_module).get("horizon", 10),
+                                       past_window=data.past_window, stride=10)
+        finally:
+            pl_module.train(was_training)
+        return {"model/open_loop_err_1": out["err_1"], "model/open_loop_err_h": out["err_h"],
+                "model/return_err": out["return_err"], "model/return_bias": out["return_bias"]}
 
     def _evaluate(self, pl_module: L.LightningModule, data: Any, split: str) -> dict[str, Any]:
         from lit_meta.rl.control import evaluate

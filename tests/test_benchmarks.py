@@ -23,12 +23,14 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "memory_vs_inner_steps": ["--steps", "2,3", "--maml-max-steps", "2", "--chunks", "2,8", "--chunk-steps", "2",
                                   *plot],
         "meta_throughput": ["--quick", "--phases", *plot],
+        "model_quality": ["--quick"],
         "planning": ["--quick", *plot],
-        "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "--plot", str(tmp / "plot.png")],
+        "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "true", "random", "--plot", str(tmp / "plot.png")],
         "scaling": ["--quick", *plot],
         "soak_ddp": ["--minutes", "0.4", "--sample-s", "8", "--warmup-min", "0.1", "--compare-steps", "5",
                      "--out", str(tmp / "soak"), *plot],
         "task_assembly": [*plot],
+        "task_change": ["--quick", *plot],
         "window_sampling": ["--quick", "--sizes", "10000"],
     }
 

@@ -161,12 +161,14 @@ def test_grbal_offline_run_has_rollout_returns_planner_cost_and_a_video(tmp_path
     run = finish(trainer)
     keys = run.keys()
     expected = {"train/query_loss_step", "train/meta_grad_norm", "val/pre_query_loss", "val/query_loss",
-                "rollout/planner_ms_per_step", "rollout/n_nonfinite"}
+                "rollout/planner_ms_per_step", "rollout/n_nonfinite", "model/open_loop_err_1", "model/open_loop_err_h",
+                "model/return_err", "model/return_bias"}
     for split in ("train", "test"):
         expected |= {f"rollout/{split}_{k}" for k in ("mean_return", "return_ci95", "pred_error_pre",
                                                       "pred_error_post", "planner_ms_per_step", "n_nonfinite")}
         expected.add(f"rollout/{split}_returns.path")
     assert expected <= keys, expected - keys
+    assert len(run.values("model/open_loop_err_h")) == 2 and run.values("model/open_loop_err_h")[-1] >= 0
     assert run.values("rollout/planner_ms_per_step")[-1] > 0 and run.values("rollout/n_nonfinite") == [0.0]
     assert run.values("rollout/test_mean_return")[-1] == pytest.approx(metrics["rollout/test_mean_return"], rel=1e-6)
     assert run.values("val/query_loss")[-1] == pytest.approx(metrics["val/query_loss"], rel=1e-6)

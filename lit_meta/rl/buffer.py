@@ -119,6 +119,16 @@ class RolloutBuffer:
         """The stored ``key`` tensor of all transitions, ``[len, ...]`` (a view)."""
         return self.storage._storage[key][: len(self)]
 
+    def segments(self) -> list[Rollout]:
+        """Every stored segment (one task of one rollout) as a :class:`Rollout`, in storage order (``seed`` -1)."""
+        seg = self.data("segment")
+        if not len(seg):
+            return []
+        cuts = (torch.nonzero(seg[1:] != seg[:-1]).flatten() + 1).tolist()
+        keys = ("obs", "action", "next_obs", "reward", "terminated", "task_vector")
+        return [Rollout(*(self.data(k)[a:b] for k in keys), seed=-1)
+                for a, b in zip([0, *cuts], [*cuts, len(seg)])]
+
     def sample_windows(self, n: int, generator: torch.Generator, past_window: int) -> Window:
         """``n`` windows chosen uniformly among all valid ones, split into ``past_window`` past steps and
         ``window - past_window`` future steps."""

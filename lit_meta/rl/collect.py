@@ -81,18 +81,21 @@ class RolloutCollector:
         return RandomPolicy(self.action_low, self.action_high)
 
     def collect(self, policy: Policy | Callable[[np.ndarray], np.ndarray], seed: int, round: int,
-                indices: Sequence[int], rollout_length: int) -> list[Rollout]:
-        """Rollouts ``indices`` of round ``round``, each at most ``rollout_length`` steps, in ``indices`` order."""
+                indices: Sequence[int], rollout_length: int, reset_options: dict | None = None) -> list[Rollout]:
+        """Rollouts ``indices`` of round ``round``, each at most ``rollout_length`` steps, in ``indices`` order.
+        ``reset_options``: passed to every env's ``reset`` (e.g. ``{"task": {...}}``: start on that task)."""
         rollouts: list[Rollout] = []
         for first in range(0, len(indices), self.n_envs):
             batch = list(indices[first:first + self.n_envs])
-            rollouts += self._collect_batch(policy, [rollout_seeds(seed, round, i) for i in batch], rollout_length)
+            rollouts += self._collect_batch(policy, [rollout_seeds(seed, round, i) for i in batch], rollout_length,
+                                            reset_options)
         return rollouts
 
-    def _collect_batch(self, policy, seeds: list[tuple[int, int]], rollout_length: int) -> list[Rollout]:
+    def _collect_batch(self, policy, seeds: list[tuple[int, int]], rollout_length: int,
+                       reset_options: dict | None = None) -> list[Rollout]:
         n = len(seeds)
         env_seeds = [s for s, _ in seeds] + [0] * (self.n_envs - n)  # unused slots run but are dropped
-        obs, info = self.envs.reset(seed=env_seeds)
+        obs, info = self.envs.reset(seed=env_seeds, options=reset_options)
         if hasattr(policy, "reset"):
             policy.reset([p for _, p in seeds] + [0] * (self.n_envs - n))
         steps: list[dict[str, np.ndarray]] = []

@@ -25,6 +25,7 @@ from lit_meta.functional import broadcast_to_tasks, mse_loss, params_of, per_tas
 from lit_meta.rl import planners
 from lit_meta.rl.buffer import Rollout, RolloutBuffer
 from lit_meta.rl.collect import RolloutCollector
+from lit_meta.rl.true_dynamics import TrueDynamics
 
 PLANNERS = ("random_shooting", "cem", "mppi")
 
@@ -48,12 +49,39 @@ def env_reward_fns(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tup
     return reward_fn, termination_fn
 
 
+def adapted_params(learner, n: int, past_obs: Tensor | None = None, past_action: Tensor | None = None,
+                   past_next_obs: Tensor | None = None) -> dict[str, Tensor]:
+    """Weights ``[n, ...]`` of a dynamics learner adapted on ``n`` sets of past transitions ``[n, M, ...]``
+    (Nagabandi et al. 2019, Alg. 2 line 5: GrBAL's inner update, ReBAL's hidden state), detached; the
+    meta-learned weights for every row when ``past_obs`` is None."""
+    if past_obs is None:
+        return broadcast_to_tasks(params_of(learner.net), n)
+    norm = learner.normalizer
+    with torch.enable_grad():
+        params = learner.adapt(norm.inputs(past_obs, past_action), norm.targets(past_obs, past_next_obs))
+    return {k: v.detach() for k, v in params.items()}
+
+
+def model_dynamics(learner, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
+    """The planner's ``dynamics(obs[B, obs_dim], action[B, act_dim]) -> next_obs`` of a learner with per-row-group
+    weights ``params [E, ...]``: rows are environment-major, so they fold into ``[E, B / E, ...]``."""
+    norm, n_envs = learner.normalizer, next(iter(params.values())).shape[0]
+
+    def step(obs: Tensor, action: Tensor) -> Tensor:
+        output = learner.predict(params, norm.inputs(obs, action).view(n_envs, -1, norm.in_features))
+        return norm.next_obs(obs, output.reshape(obs.shape))
+
+    return step
+
+
 class MPCController:
     """A policy ``controller(obs [E, obs_dim]) -> actions [E, act_dim]`` that adapts, then plans.
 
     Args:
         learner: a trained dynamics learner (:class:`~lit_meta.rl.learners.GrBAL`, ``ImplicitGrBAL``,
-            ``ReBAL``, ``MBMPC``): it provides ``normalizer``, ``adapt`` and ``predict``.
+            ``ReBAL``, ``MBMPC``): it provides ``normalizer``, ``adapt`` and ``predict``; or a
+            :class:`~lit_meta.rl.true_dynamics.TrueDynamics` bound to the envs being controlled (the
+            true-dynamics planner: candidates simulated in MuJoCo; nothing to adapt).
         reward_fn, termination_fn: the env's batched torch reward/termination (:func:`env_reward_fns`).
         action_low, action_high: action bounds ``[act_dim]``.
         past_window: M, transitions adapted on (paper 16). Default 16.
@@ -73,7 +101,8 @@ class MPCController:
         if past_window < 1:
             raise ValueError(f"past_window={past_window} must be >= 1")
         self.learner, self.reward_fn, self.termination_fn = learner, reward_fn, termination_fn
-        self.device = next(learner.parameters()).device
+        self.true_dynamics = isinstance(learner, TrueDynamics)
+        self.device = torch.device("cpu") if self.true_dynamics else next(learner.parameters()).device
         self.low = torch.as_tensor(np.asarray(action_low), dtype=torch.float32, device=self.device)
         self.high = torch.as_tensor(np.asarray(action_high), dtype=torch.float32, device=self.device)
         self.past_window, self.adapt_online, self.planner = past_window, adapt, getattr(planners, planner)
@@ -93,28 +122,16 @@ class MPCController:
 
     def adapted_params(self, obs: Tensor) -> dict[str, Tensor]:
         """Per-environment weights ``[E, ...]`` adapted on the last M transitions (meta-learned ones before any)."""
-        learner = self.learner
-        n = len(self.history)
-        if not self.adapt_online or n == 0:
-            return broadcast_to_tasks(params_of(learner.net), len(obs))
+        if not self.adapt_online or not self.history:
+            return adapted_params(self.learner, len(obs))
         past = self.history[-self.past_window:]
         past_obs = torch.stack([o for o, _ in past], 1)
-        past_action = torch.stack([a for _, a in past], 1)
         past_next = torch.cat([past_obs[:, 1:], obs[:, None]], 1)
-        norm = learner.normalizer
-        with torch.enable_grad():
-            params = learner.adapt(norm.inputs(past_obs, past_action), norm.targets(past_obs, past_next))
-        return {k: v.detach() for k, v in params.items()}
+        return adapted_params(self.learner, len(obs), past_obs, torch.stack([a for _, a in past], 1), past_next)
 
     def dynamics(self, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
-        """The planner's model: rows are environment-major, so they fold into [E, n_candidates, ...]."""
-        learner, norm, n_envs = self.learner, self.learner.normalizer, next(iter(params.values())).shape[0]
-
-        def step(obs: Tensor, action: Tensor) -> Tensor:
-            output = learner.predict(params, norm.inputs(obs, action).view(n_envs, -1, norm.in_features))
-            return norm.next_obs(obs, output.reshape(obs.shape))
-
-        return step
+        """The planner's model with these per-environment weights (:func:`model_dynamics`)."""
+        return model_dynamics(self.learner, params)
 
     @torch.no_grad()
     def __call__(self, obs: np.ndarray) -> np.ndarray:
@@ -122,11 +139,12 @@ class MPCController:
         obs_t = torch.as_tensor(np.asarray(obs), dtype=torch.float32, device=self.device)
         if self.history and len(self.history[-1][0]) != len(obs_t):
             self.reset([0])
-        params = self.adapted_params(obs_t)
+        dynamics = (self.learner.dynamics(self.horizon) if self.true_dynamics
+                    else self.dynamics(self.adapted_params(obs_t)))
         kwargs = dict(self.planner_kwargs)
         if self.warm_start and self.plan is not None:
             kwargs["init_mean"] = planners.shift_plan(self.plan, self.low, self.high)
-        result = self.planner(self.dynamics(params), self.reward_fn, obs_t, horizon=self.horizon,
+        result = self.planner(dynamics, self.reward_fn, obs_t, horizon=self.horizon,
                               n_candidates=self.n_candidates, action_low=self.low, action_high=self.high,
                               generator=self.generator, termination_fn=self.termination_fn, **kwargs)
         self.n_nonfinite += int(result.n_nonfinite.sum())
@@ -175,19 +193,26 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
              n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0) -> dict[str, Any]:
     """Run ``episodes`` episodes of ``env_id`` (``task_split`` tasks) with an :class:`MPCController` and score them.
 
+    ``learner``: a trained dynamics learner, or a :class:`~lit_meta.rl.true_dynamics.TrueDynamics` (unbound:
+    it is bound to this evaluation's own envs; the prediction errors are then NaN: there is no model to score).
+
     Returns a dict: ``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors),
     ``pred_error_pre`` / ``pred_error_post`` (:func:`prediction_errors` on the episodes' windows),
     ``env_steps`` (taken), ``n_nonfinite`` (planner candidates discarded), ``planner_ms_per_step`` (mean wall
     time of one controller call: adaptation + planning for all ``n_envs`` environments).
     """
-    learner.eval()
+    true_dynamics = isinstance(learner, TrueDynamics)
+    if not true_dynamics:
+        learner.eval()
     kwargs = {**(env_kwargs or {}), "task_split": task_split}
     reward_fn, termination_fn = env_reward_fns(env_id, kwargs)
     collector = RolloutCollector(env_id, kwargs, n_envs=n_envs)
     try:
         obs_dim, action_dim = collector.envs.single_observation_space.shape[0], collector.action_low.shape[0]
-        norm = learner.normalizer
-        if (obs_dim, action_dim) != (norm.obs_dim, norm.action_dim):
+        if true_dynamics:
+            learner.bind(collector.envs)
+        norm = None if true_dynamics else learner.normalizer
+        if norm is not None and (obs_dim, action_dim) != (norm.obs_dim, norm.action_dim):
             raise ValueError(
                 f"the model (checkpoint) was trained for observations of size {norm.obs_dim} and actions of size "
                 f"{norm.action_dim}, but {env_id} has {obs_dim} and {action_dim}: evaluate it on the env it was "
@@ -202,6 +227,7 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
     returns = np.array([float(r.reward.double().sum()) for r in rollouts])
     ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
     return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
-            **prediction_errors(learner, rollouts, past_window, future_window),
+            **({"pred_error_pre": math.nan, "pred_error_post": math.nan} if true_dynamics
+               else prediction_errors(learner, rollouts, past_window, future_window)),
             "env_steps": int(sum(r.length for r in rollouts)), "n_nonfinite": controller.n_nonfinite,
             "planner_ms_per_step": controller.ms_per_step}

@@ -44,7 +44,7 @@ from typing import Callable, NamedTuple, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["PlanResult", "random_shooting", "cem", "mppi", "shift_plan", "action_bounds", "torchrl_model_env",
+__all__ = ["PlanResult", "candidate_returns", "random_shooting", "cem", "mppi", "shift_plan", "action_bounds", "torchrl_model_env",
            "torchrl_return_to_go"]
 
 Dynamics = Callable[[Tensor, Tensor], Tensor]
@@ -256,6 +256,15 @@ def _returns(dynamics: Dynamics, reward_fn: RewardFn, termination_fn, obs: Tenso
     bad.logical_or_(~torch.isfinite(ret))
     ret.masked_fill_(bad, -math.inf)
     return ret.view(E, N), bad.view(E, N)
+
+
+def candidate_returns(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, actions: Tensor,
+                      termination_fn=None) -> Tensor:
+    """Each candidate's return under ``dynamics``: ``[E, N]`` for ``obs [E, obs_dim]`` and action sequences
+    ``actions [E, N, H, act_dim]`` (``-inf`` where non-finite); what every planner here scores with. Used to
+    compare a learned model's ranking of candidates with the true dynamics' (:mod:`lit_meta.rl.diagnostics`)."""
+    with torch.no_grad():
+        return _returns(dynamics, reward_fn, termination_fn, obs, actions, None)[0]
 
 
 def _safe_plan(low: Tensor, high: Tensor, E: int, horizon: int) -> Tensor:
