@@ -90,6 +90,7 @@ def run(method: str, env: str, args) -> dict:
         cli = cli_main(["fit", "--config", str(path), "--trainer.enable_checkpointing", "false",
                         "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", tmp, *extra])
         train_s = time.perf_counter() - start
+        curve = learning_curve(cli.trainer)
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             cli.trainer.save_checkpoint(Path(args.keep) / f"{method}_{env}.ckpt")
@@ -108,7 +109,22 @@ def run(method: str, env: str, args) -> dict:
         print(f"{env} {method} adapt={adapt}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
               f"pred error {result['pred_error_pre']:.4f} -> {result['pred_error_post']:.4f}, "
               f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
-    return {"train_env_steps": len(data.buffer), "train_s": train_s, "mpc": mpc, **rows}
+    return {"train_env_steps": len(data.buffer), "train_s": train_s, "mpc": mpc, "curve": curve, **rows}
+
+
+def learning_curve(trainer) -> list[list[float]]:
+    """``[[train env steps, held-out mean return, its ci95], ...]`` logged by DynamicsMonitor during training
+    (``--monitors``; the CSV logger's file), empty without them."""
+    import csv
+
+    log_dir = getattr(trainer.logger, "log_dir", None)
+    path = Path(log_dir) / "metrics.csv" if log_dir else None
+    if path is None or not path.is_file():
+        return []
+    with path.open() as f:
+        rows = [r for r in csv.DictReader(f) if r.get("rollout/test_mean_return") and r.get("rollout/train_env_steps")]
+    return [[float(r["rollout/train_env_steps"]), float(r["rollout/test_mean_return"]),
+             float(r.get("rollout/test_return_ci95") or "nan")] for r in rows]
 
 
 def main() -> None:
@@ -189,6 +205,40 @@ def main() -> None:
     fig.tight_layout()
     fig.savefig(plot, dpi=100)
     print(f"plot: {plot}")
+    if any(r.get("curve") for by_method in results.values() for r in by_method.values()):
+        curve_plot = plot.with_name(plot.stem.replace("rl_returns", "rl_sample_efficiency") + plot.suffix)
+        if curve_plot == plot:
+            curve_plot = plot.with_name(plot.stem + "_curves" + plot.suffix)
+        sample_efficiency_plot(results, curve_plot)
+        print(f"sample-efficiency plot: {curve_plot}")
+
+
+def sample_efficiency_plot(results: dict, path: Path) -> None:
+    """Held-out return vs training env steps (DynamicsMonitor's points, --monitors) per learner, with the final
+    evaluation as the last point and the true-dynamics planner and random actions as horizontal lines."""
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(results), figsize=(5 * len(results), 3.5), squeeze=False)
+    for ax, (env, by_method) in zip(axes[0], results.items()):
+        for method, r in by_method.items():
+            if method in REFERENCES:
+                e = r["no_adapt"]
+                ax.axhline(e["mean_return"], ls="--" if method == "true" else ":", color="k" if method == "true" else "0.5",
+                           lw=1, label=f"{'true dynamics' if method == 'true' else 'random actions'} "
+                                       f"({e['mean_return']:.0f})")
+                continue
+            final = r.get("adapt") or r.get("no_adapt")
+            points = [(x, y, c) for x, y, c in r.get("curve", [])] + [
+                (r["train_env_steps"], final["mean_return"], final["ci95"])]
+            x, y, c = (np.array(v) for v in zip(*points))
+            line = ax.plot(x, y, marker="o", ms=3, label=method)[0]
+            ax.errorbar(x[-1:], y[-1:], yerr=c[-1:], color=line.get_color(), capsize=3)
+        ax.set_xlabel("training env steps")
+        ax.set_ylabel("held-out return (300 steps)")
+        ax.set_title(env, fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,8 @@ class DynamicsMonitor(Callback):
         Every ``eval_every_n_epochs`` epochs, for each split in ``eval_splits``:
         ``rollout/{split}_mean_return``, ``rollout/{split}_return_ci95``, ``rollout/{split}_pred_error_pre``,
         ``rollout/{split}_pred_error_post`` (K-step error on the episodes' windows without / with adaptation),
-        ``rollout/{split}_planner_ms_per_step``, ``rollout/{split}_n_nonfinite``.
+        ``rollout/{split}_planner_ms_per_step``, ``rollout/{split}_n_nonfinite``, and
+        ``rollout/train_env_steps`` (transitions in the training buffer: the x axis of a sample-efficiency curve).
         Every ``open_loop_every_n_epochs`` epochs (cheap: one batched model rollout, no simulation): open-loop
         prediction quality on the DataModule's held-out-task validation rollouts
         (:func:`lit_meta.rl.diagnostics.open_loop_errors`, the planner's horizon H, adapted on the M
@@ -93,7 +94,8 @@ class DynamicsMonitor(Callback):
             run = wandb_run(trainer)
             for split in self.eval_splits:
                 result = self._evaluate(pl_module, data, split)
-                log_scalars(pl_module, {f"rollout/{split}_mean_return": result["mean_return"],
+                log_scalars(pl_module, {"rollout/train_env_steps": float(len(getattr(data, "buffer", ()))),
+                                        f"rollout/{split}_mean_return": result["mean_return"],
                                         f"rollout/{split}_return_ci95": result["ci95"],
                                         f"rollout/{split}_pred_error_pre": result["pred_error_pre"],
                                         f"rollout/{split}_pred_error_post": result["pred_error_post"],

@@ -162,7 +162,7 @@ def test_grbal_offline_run_has_rollout_returns_planner_cost_and_a_video(tmp_path
     keys = run.keys()
     expected = {"train/query_loss_step", "train/meta_grad_norm", "val/pre_query_loss", "val/query_loss",
                 "rollout/planner_ms_per_step", "rollout/n_nonfinite", "model/open_loop_err_1", "model/open_loop_err_h",
-                "model/return_err", "model/return_bias"}
+                "model/return_err", "model/return_bias", "rollout/train_env_steps"}
     for split in ("train", "test"):
         expected |= {f"rollout/{split}_{k}" for k in ("mean_return", "return_ci95", "pred_error_pre",
                                                       "pred_error_post", "planner_ms_per_step", "n_nonfinite")}
