@@ -37,6 +37,23 @@ def spearman(a: Tensor, b: Tensor) -> Tensor:
     return (ra * rb).sum(-1) / (ra.square().sum(-1) * rb.square().sum(-1)).sqrt()
 
 
+def _at_starts(learner, rollouts: Sequence[Rollout], starts: Sequence[tuple[int, int]], past_window: int,
+               adapt: bool) -> tuple[Callable[[str, int, int], Tensor], dict[str, Tensor]]:
+    """For steps ``starts`` = ``[(rollout index, t), ...]``: ``gather(key, offset, length)`` -> ``[S, length, ...]``
+    (steps ``t + offset ...``, on the learner's device and dtype), and the weights adapted on the ``past_window``
+    transitions before each ``t`` (``adapt``) or the meta-learned ones."""
+    norm = learner.normalizer
+
+    def gather(key: str, offset: int, length: int) -> Tensor:
+        return torch.stack([getattr(rollouts[i], key)[t + offset:t + offset + length] for i, t in starts]).to(
+            norm.obs_std.device, norm.obs_std.dtype)
+
+    if not adapt:
+        return gather, adapted_params(learner, len(starts))
+    return gather, adapted_params(learner, len(starts), *(gather(k, -past_window, past_window)
+                                                          for k in ("obs", "action", "next_obs")))
+
+
 @torch.no_grad()
 def open_loop_errors(learner, rollouts: Sequence[Rollout], reward_fn: Callable, horizon: int = 10,
                      past_window: int = 16, adapt: bool = True, stride: int = 5, chunk_size: int = 256
@@ -57,17 +74,7 @@ def open_loop_errors(learner, rollouts: Sequence[Rollout], reward_fn: Callable, 
     sums = torch.zeros(5, dtype=torch.float64)
     for first in range(0, len(starts), chunk_size):
         chunk = starts[first:first + chunk_size]
-
-        def gather(key: str, offset: int, length: int) -> Tensor:
-            return torch.stack([getattr(rollouts[i], key)[t + offset:t + offset + length] for i, t in chunk]).to(
-                device, norm.obs_std.dtype)
-
-        if adapt:
-            params = adapted_params(learner, len(chunk), gather("obs", -past_window, past_window),
-                                    gather("action", -past_window, past_window),
-                                    gather("next_obs", -past_window, past_window))
-        else:
-            params = adapted_params(learner, len(chunk))
+        gather, params = _at_starts(learner, rollouts, chunk, past_window, adapt)
         step = model_dynamics(learner, params)
         obs, actions, true_next = gather("obs", 0, 1)[:, 0], gather("action", 0, horizon), gather("next_obs", 0, horizon)
         x, pred_ret, true_ret = obs, torch.zeros(len(chunk), device=device), torch.zeros(len(chunk), device=device)
@@ -180,7 +187,6 @@ def errors_around_changes(learner, rollouts: Sequence[Rollout], past_window: int
     ``count [O]`` and ``n_changes``.
     """
     norm = learner.normalizer
-    device, dtype = norm.obs_std.device, norm.obs_std.dtype
     offsets = np.arange(-before, after)
     pairs = []
     n_changes = 0
@@ -192,17 +198,7 @@ def errors_around_changes(learner, rollouts: Sequence[Rollout], past_window: int
     total, count = np.zeros(len(offsets)), np.zeros(len(offsets))
     for first in range(0, len(pairs), 256):
         chunk = pairs[first:first + 256]
-
-        def gather(key: str, offset: int, length: int) -> Tensor:
-            return torch.stack([getattr(rollouts[i], key)[t + offset:t + offset + length] for i, t, _ in chunk]).to(
-                device, dtype)
-
-        if adapt:
-            params = adapted_params(learner, len(chunk), gather("obs", -past_window, past_window),
-                                    gather("action", -past_window, past_window),
-                                    gather("next_obs", -past_window, past_window))
-        else:
-            params = adapted_params(learner, len(chunk))
+        gather, params = _at_starts(learner, rollouts, [(i, t) for i, t, _ in chunk], past_window, adapt)
         obs, action, nxt = gather("obs", 0, 1), gather("action", 0, 1), gather("next_obs", 0, 1)
         output = learner.predict(params, norm.inputs(obs, action))
         err = (output - norm.targets(obs, nxt)).square().mean((-1, -2)).double().cpu().numpy()
