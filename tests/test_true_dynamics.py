@@ -32,7 +32,7 @@ def vector(env_id: str, n: int, **kwargs):
 def test_candidates_follow_the_env_exactly(env_id, kwargs):
     """Two env steps of candidate 0 of each env equal what the envs themselves do with those actions."""
     envs, obs = vector(env_id, 2, **kwargs)
-    model = TrueDynamics(envs)
+    model = TrueDynamics(envs, n_threads=2)
     A, n, horizon = envs.single_action_space.shape[0], 3, 2
     actions = torch.as_tensor(np.random.default_rng(1).uniform(-1, 1, (horizon, 2, n, A)), dtype=torch.float32)
     step = model.dynamics(horizon)
@@ -67,6 +67,8 @@ def test_the_current_task_is_honoured_and_each_iteration_restarts():
 
 
 def test_misuse_is_refused():
+    with pytest.raises(ValueError, match="n_threads"):
+        TrueDynamics(n_threads=0)
     with pytest.raises(ValueError, match="no envs"):
         TrueDynamics().dynamics(3)
     envs, obs = vector(CHEETAH, 1)

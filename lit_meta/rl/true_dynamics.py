@@ -69,7 +69,7 @@ def _sub_envs(envs) -> list:
 class _EnvSim:
     """Candidates of one env: their states and one env step of them all."""
 
-    def __init__(self, env) -> None:
+    def __init__(self, env, n_threads: int = 1) -> None:
         from lit_meta.envs.half_cheetah import NQ, NV, HalfCheetahTaskEnv
 
         self.env, self.model = env, env.model
@@ -78,7 +78,7 @@ class _EnvSim:
             nq = self.model.nq
             # FULLPHYSICS state = [time, qpos (nq), qvel (nv), act, ...]: the cheetah's observation is a slice of it
             self.obs_index = np.r_[1:1 + NQ, 1 + nq:1 + nq + NV]
-            self.scratch = [mujoco.MjData(self.model)]
+            self.scratch = [mujoco.MjData(self.model) for _ in range(n_threads)]  # one per rollout thread
         self.rows = 0
 
     def start(self, n: int) -> None:
@@ -124,18 +124,23 @@ class TrueDynamics:
             sequence of envs, each a gymnasium MuJoCo env (wrappers are looked through). Their order is the
             order of the planner's environments. ``None``: bind later with :meth:`bind` (what
             :func:`~lit_meta.rl.control.evaluate` does with its own vector env).
+        n_threads: threads of ``mujoco.rollout`` per env (HalfCheetah envs; the other envs step candidates in
+            Python, one thread). Default 1.
 
     The candidates' actions are clipped to each env's action space, as the envs clip them.
     """
 
-    def __init__(self, envs=None) -> None:
+    def __init__(self, envs=None, n_threads: int = 1) -> None:
+        if isinstance(n_threads, bool) or not isinstance(n_threads, int) or n_threads < 1:
+            raise ValueError(f"n_threads={n_threads!r} must be an int >= 1")
+        self.n_threads = n_threads
         self.sims: list[_EnvSim] = []
         if envs is not None:
             self.bind(envs)
 
     def bind(self, envs) -> "TrueDynamics":
         """Simulate these envs from now on (see the class arguments)."""
-        self.sims = [_EnvSim(env) for env in _sub_envs(envs)]
+        self.sims = [_EnvSim(env, self.n_threads) for env in _sub_envs(envs)]
         return self
 
     @property
