@@ -4,16 +4,21 @@ For each env and method: meta-train with the method's config (``configs/{method}
 data budget for all: the same random rollouts, aggregation rounds and rollout lengths), then run
 ``--episodes`` test-split episodes (tasks unseen in training) with online adaptation + MPC and report
 mean return +- 95% CI, the model's K-step prediction error without and with adaptation (normalised
-state change, on the episodes' own windows), and the environment steps each method consumed.
+state change, on the episodes' own windows), and the environment steps each method consumed. Two
+reference arms need no training: ``true`` (the same planner with the true MuJoCo dynamics,
+:class:`lit_meta.rl.TrueDynamics`: the upper bound) and ``random`` (uniform random actions).
 
-    python benchmarks/rl_returns.py --envs halfcheetah_crippled              # CPU budget configs
+    python benchmarks/rl_returns.py --envs halfcheetah_crippled              # CPU budget configs, all arms
     python benchmarks/rl_returns.py --quick                                  # smoke: tiny budget, minutes
-    python benchmarks/rl_returns.py --episode-length 300 --set --trainer.max_epochs 4   # a smaller budget
+    python benchmarks/rl_returns.py --methods true random                    # the reference arms only
+    python benchmarks/rl_returns.py --methods grbal --monitors --keep DIR    # + learning curve, checkpoint kept
     python benchmarks/rl_returns.py --full                                   # all three envs, all methods
-    python benchmarks/rl_returns.py --load a.json b.json     # table + plot from earlier --json runs
+    python benchmarks/rl_returns.py --load a.json b.json     # table + plots from earlier --json runs
 
-Writes a table to stdout and a bar chart to docs/rl_returns.png (``--plot``). Runs in the current
-folder's ``logs/``; the trained checkpoints are not kept.
+Writes a table to stdout, a bar chart to docs/rl_returns.png (``--plot``) and, when the runs logged held-out
+returns during training (``--monitors``: the configs' DynamicsMonitor), the sample-efficiency plot
+docs/rl_sample_efficiency.png (held-out return vs training env steps, the reference arms as lines). Runs in
+the current folder's ``logs/``; the trained checkpoints are kept only with ``--keep DIR``.
 """
 
 from __future__ import annotations
