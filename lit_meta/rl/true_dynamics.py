@@ -14,8 +14,7 @@ Two exact paths, both checked against ``env.step`` by the tests:
 * HalfCheetah envs (observation = ``qpos[:9] + qvel[:9]``): ``mujoco.rollout`` steps all candidates of an
   env in one C call (``frame_skip`` substeps, warm start carried), the observation is read from the state.
 * any other MuJoCo env (Ant: contact forces in the observation): one ``MjData`` copy per candidate, stepped
-  like the env (``mj_step`` x ``frame_skip`` + ``mj_rnePostConstraint``), the observation from the env's own
-  ``_get_obs`` on that data.
+  and observed by the env's own code (``do_simulation``, ``_get_obs``) on that data.
 
 Example::
 
@@ -106,10 +105,8 @@ class _EnvSim:
         obs, real = [], env.data
         try:
             for data, a in zip(self.datas, action):
-                data.ctrl[:] = a
-                mujoco.mj_step(self.model, data, nstep=env.frame_skip)
-                mujoco.mj_rnePostConstraint(self.model, data)  # as MujocoEnv.do_simulation: contact forces
-                env.data = data
+                env.data = data  # the env's own stepping and observation code, on this candidate's data
+                env.do_simulation(a, env.frame_skip)
                 obs.append(env._get_obs())
         finally:
             env.data = real
