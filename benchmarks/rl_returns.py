@@ -233,14 +233,15 @@ def sample_efficiency_plot(results: dict, path: Path) -> None:
                                        f"({e['mean_return']:.0f})")
                 continue
             final = r.get("adapt") or r.get("no_adapt")
-            points = [(x, y, c) for x, y, c in r.get("curve", [])] + [
+            # the monitor's 2-episode points during training, then the final 10-episode evaluation
+            points = [(x, y, c) for x, y, c in r.get("curve", []) if x < r["train_env_steps"]] + [
                 (r["train_env_steps"], final["mean_return"], final["ci95"])]
             x, y, c = (np.array(v) for v in zip(*points))
             line = ax.plot(x, y, marker="o", ms=3, label=method)[0]
             ax.errorbar(x[-1:], y[-1:], yerr=c[-1:], color=line.get_color(), capsize=3)
         ax.set_xlabel("training env steps")
         ax.set_ylabel("held-out return (300 steps)")
-        ax.set_title(env, fontsize=9)
+        ax.set_title(f"{env} (points: 2 episodes; last: 10 episodes +- 95% CI)", fontsize=8)
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
