@@ -39,6 +39,7 @@ from common import machine_line  # noqa: E402
 
 from lit_meta.cli import main as cli_main  # noqa: E402
 from lit_meta.rl import RolloutCollector, TrueDynamics, evaluate  # noqa: E402
+from lit_meta.rl.control import return_stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grbal", "rebal", "mbmpc")
@@ -69,11 +70,8 @@ def reference(method: str, env: str, args) -> dict:
             rollouts = collector.collect(collector.random_policy(), 1234, 0, range(args.episodes), length)
         finally:
             collector.close()
-        returns = np.array([float(r.reward.double().sum()) for r in rollouts])
-        result = {"returns": returns.tolist(), "mean_return": float(returns.mean()),
-                  "ci95": float(1.96 * returns.std(ddof=1) / np.sqrt(len(returns))) if len(returns) > 1 else 0.0,
-                  "pred_error_pre": float("nan"), "pred_error_post": float("nan"),
-                  "env_steps": int(sum(r.length for r in rollouts)), "planner_ms_per_step": float("nan")}
+        result = {**return_stats(rollouts), "pred_error_pre": float("nan"), "pred_error_post": float("nan"),
+                  "planner_ms_per_step": float("nan")}
     result["eval_s"] = time.perf_counter() - start
     print(f"{env} {method}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
           f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)

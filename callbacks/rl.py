@@ -67,6 +67,7 @@ class DynamicsMonitor(Callback):
             raise ValueError("eval_every_n_epochs, video_every_n_epochs and open_loop_every_n_epochs must be >= 0 "
                              "(0: never)")
         self.open_loop_every_n_epochs = open_loop_every_n_epochs
+        self._reward_fn: Any = None
         self.eval_every_n_epochs, self.eval_episodes, self.eval_episode_length = eval_every_n_epochs, eval_episodes, eval_episode_length
         self.eval_splits, self.eval_n_envs = list(eval_splits), eval_n_envs
         self.video_every_n_epochs, self.video_length, self.video_split = video_every_n_epochs, video_length, video_split
@@ -122,14 +123,16 @@ class DynamicsMonitor(Callback):
         from lit_meta.rl.control import env_reward_fns
         from lit_meta.rl.diagnostics import open_loop_errors
 
-        reward_fn, _ = env_reward_fns(data.env_id, {**(getattr(data, "env_kwargs", None) or {}), "task_split": "test"})
+        if self._reward_fn is None:  # made once: env_reward_fns builds an env
+            self._reward_fn, _ = env_reward_fns(data.env_id, {**(getattr(data, "env_kwargs", None) or {}),
+                                                             "task_split": "test"})
         was_training = pl_module.training
         pl_module.eval()
         try:
             segments = [s._replace(**{k: getattr(s, k).to(pl_module.device) for k in ("obs", "action", "next_obs")})
                         for s in data.val_buffer.segments()]
             with torch.inference_mode(False):
-                out = open_loop_errors(pl_module, segments, reward_fn, horizon=self._mpc(pl_module).get("horizon", 10),
+                out = open_loop_errors(pl_module, segments, self._reward_fn, horizon=self._mpc(pl_module).get("horizon", 10),
                                        past_window=data.past_window, stride=10)
         finally:
             pl_module.train(was_training)

@@ -129,6 +129,11 @@ class MPCController:
         past_next = torch.cat([past_obs[:, 1:], obs[:, None]], 1)
         return adapted_params(self.learner, len(obs), past_obs, torch.stack([a for _, a in past], 1), past_next)
 
+    def record(self, obs: Tensor, action: Tensor) -> None:
+        """Remember a step taken (``[E, ...]`` each): the last ``past_window`` are what adaptation uses."""
+        self.history.append((obs, action))
+        del self.history[:-self.past_window]
+
     def dynamics(self, params: dict[str, Tensor]) -> Callable[[Tensor, Tensor], Tensor]:
         """The planner's model with these per-environment weights (:func:`model_dynamics`)."""
         return model_dynamics(self.learner, params)
@@ -149,9 +154,7 @@ class MPCController:
                               generator=self.generator, termination_fn=self.termination_fn, **kwargs)
         self.n_nonfinite += int(result.n_nonfinite.sum())
         self.plan = result.plan
-        self.history.append((obs_t, result.action))
-        if len(self.history) > self.past_window:
-            self.history.pop(0)
+        self.record(obs_t, result.action)
         action = result.action.cpu().numpy()
         self.plan_seconds += time.perf_counter() - start
         self.plan_calls += 1
@@ -185,6 +188,15 @@ def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future
                 totals[i] += per_task_loss(mse_loss, learner.predict(p, episode.query_x), episode.query_y).sum().cpu()
     pre, post = (totals / buffer.n_windows).tolist()
     return {"pred_error_pre": pre, "pred_error_post": post}
+
+
+def return_stats(rollouts: Sequence[Rollout]) -> dict[str, Any]:
+    """``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors; 0 for one episode) and
+    ``env_steps`` of whole episodes."""
+    returns = np.array([float(r.reward.double().sum()) for r in rollouts])
+    ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
+    return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
+            "env_steps": int(sum(r.length for r in rollouts))}
 
 
 def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10, episode_length: int = 1000,
@@ -224,10 +236,8 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
         rollouts = collector.collect(controller, seed, round=0, indices=range(episodes), rollout_length=episode_length)
     finally:
         collector.close()
-    returns = np.array([float(r.reward.double().sum()) for r in rollouts])
-    ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
-    return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
+    return {**return_stats(rollouts),
             **({"pred_error_pre": math.nan, "pred_error_post": math.nan} if true_dynamics
                else prediction_errors(learner, rollouts, past_window, future_window)),
-            "env_steps": int(sum(r.length for r in rollouts)), "n_nonfinite": controller.n_nonfinite,
+            "n_nonfinite": controller.n_nonfinite,
             "planner_ms_per_step": controller.ms_per_step}

@@ -160,8 +160,7 @@ class RankingProbe:
         if self.behaviour is None:
             return c(obs)
         action = np.asarray(self.behaviour(obs), dtype=np.float32)
-        c.history.append((obs_t, torch.as_tensor(action, device=c.device)))
-        del c.history[:-c.past_window]
+        c.record(obs_t, torch.as_tensor(action, device=c.device))
         return action
 
     def summary(self) -> dict[str, float]:

@@ -78,7 +78,6 @@ class _EnvSim:
             # FULLPHYSICS state = [time, qpos (nq), qvel (nv), act, ...]: the cheetah's observation is a slice of it
             self.obs_index = np.r_[1:1 + NQ, 1 + nq:1 + nq + NV]
             self.scratch = [mujoco.MjData(self.model) for _ in range(n_threads)]  # one per rollout thread
-        self.rows = 0
 
     def start(self, n: int) -> None:
         """All ``n`` candidates at the env's current state."""
@@ -90,7 +89,6 @@ class _EnvSim:
             self.warmstart = np.tile(data.qacc_warmstart, (n, 1))
         else:
             self.datas = [copy.copy(data) for _ in range(n)]
-        self.rows = n
 
     def step(self, action: np.ndarray) -> np.ndarray:
         """Next observations ``[n, obs_dim]`` (float64) after one env step of every candidate."""
@@ -140,10 +138,6 @@ class TrueDynamics:
         self.sims = [_EnvSim(env, self.n_threads) for env in _sub_envs(envs)]
         return self
 
-    @property
-    def n_envs(self) -> int:
-        return len(self.sims)
-
     def dynamics(self, horizon: int) -> Callable[[Tensor, Tensor], Tensor]:
         """The planner's ``dynamics(obs[B, obs_dim], action[B, act_dim]) -> next_obs``, B = n_envs * n_candidates.
 
@@ -165,9 +159,10 @@ class TrueDynamics:
             n = B // E
             acts = action.detach().to("cpu", torch.float64).numpy().reshape(E, n, -1)
             if calls % horizon == 0:
+                if calls == 0:  # once per control step: the planner's later iterations start from the same obs
+                    _check_start(self.sims, obs.detach().to("cpu", torch.float64).numpy().reshape(E, n, -1))
                 for sim in self.sims:
                     sim.start(n)
-                _check_start(self.sims, obs.detach().to("cpu", torch.float64).numpy().reshape(E, n, -1))
             calls += 1
             out = []
             for sim, a in zip(self.sims, acts):
