@@ -6,6 +6,7 @@ evaluated with ``torch.func.functional_call`` under ``vmap``, one set of weights
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 from typing import Literal
@@ -83,7 +84,9 @@ class Conv4(nn.Module):
         BatchNorm's double backward (:func:`_batch_norm`) and the max-pool blocks' fused pooling and statistics
         (:func:`_conv_bn_relu_max_pool`).
         A subclass that changes ``forward`` must change this too (tests/test_functional.py checks it equals the
-        ``vmap`` path).
+        ``vmap`` path). In bfloat16/float16 (a converted net, or float32 under ``torch.autocast``, whose casts the
+        convolutions follow) it is as accurate as the ``vmap`` path in that precision (tests/test_low_precision.py):
+        integer max-pool indices, BatchNorm statistics in float32 as aten's.
         """
         n_tasks, batch = x.shape[:2]
         p = {name: params[name] if name in params else w.expand(n_tasks, *w.shape)
@@ -114,8 +117,25 @@ class Conv4(nn.Module):
 def _grouped_conv(x: Tensor, w: Tensor, b: Tensor, conv: nn.Conv2d, groups: int) -> Tensor:
     """``F.conv2d(x, w, b, groups=groups)`` with ``conv``'s stride and padding, differentiable to any order, whose
     double backward (every Hessian-vector product and second-order MAML step) is two grouped convolution-backward
-    calls: torch's own runs one convolution per group for the weight term (``groups`` = tasks: 32 small kernels)."""
-    return _GroupedConv.apply(x, w, b, tuple(conv.stride), tuple(conv.padding), groups)
+    calls: torch's own runs one convolution per group for the weight term (``groups`` = tasks: 32 small kernels).
+    Under autocast the operands are cast first, as F.conv2d's (the casts differentiated as autograd's)."""
+    return _GroupedConv.apply(*_autocast_operands(x, w, b), tuple(conv.stride), tuple(conv.padding), groups)
+
+
+def _autocast_operands(*tensors: Tensor) -> tuple[Tensor, ...]:
+    """``tensors`` cast to autocast's lower-precision dtype where autocast is on for their device (as it casts
+    ``F.conv2d``'s operands), else as they are."""
+    device = tensors[0].device.type
+    if not torch.is_autocast_enabled(device):
+        return tensors
+    return tuple(t.to(torch.get_autocast_dtype(device)) for t in tensors)
+
+
+def _no_autocast(x: Tensor) -> contextlib.AbstractContextManager:
+    """Autocast off on ``x``'s device: a custom Function's convolutions run in its operands' one dtype, in the forward
+    and in every derivative (autocast's own casts, where wanted, go before the Function: see :func:`_grouped_conv`)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tuple, groups: int,
@@ -128,12 +148,19 @@ def _conv_backward(g: Tensor, x: Tensor, w: Tensor, stride: tuple, padding: tupl
     d_x, d_w, d_b = torch.ops.aten.convolution_backward(
         g, x, w, [w.shape[0]], list(stride), list(padding), [1, 1], False, [0, 0], groups,
         [mask[0], mask[1], mask[2] and mask[0]])
-    return d_x, d_w, _channel_sum(g) if separate_bias else d_b
+    return d_x, d_w, _channel_sum(g).to(g.dtype) if separate_bias else d_b
+
+
+def _like(t: Tensor | None, x: Tensor) -> Tensor | None:
+    """A tangent ``t`` in its primal's dtype, that of ``x`` (aten's forward-mode rules under autocast, GroupNorm's,
+    can give float32 tangents of bfloat16 values), or None."""
+    return t.to(x.dtype) if t is not None else None
 
 
 def _conv_like(ctx, x: Tensor, w: Tensor) -> Tensor:
     """conv2d(x, w) without bias, with the stride, padding and groups saved on ``ctx`` (the derivatives' convolutions)."""
-    return F.conv2d(x, w, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)
+    with _no_autocast(x):
+        return F.conv2d(x, w, stride=ctx.stride, padding=ctx.padding, groups=ctx.groups)
 
 
 class _GroupedConv(torch.autograd.Function):
@@ -142,7 +169,8 @@ class _GroupedConv(torch.autograd.Function):
 
     @staticmethod
     def forward(x: Tensor, w: Tensor, b: Tensor, stride: tuple, padding: tuple, groups: int) -> Tensor:
-        return F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
+        with _no_autocast(x):
+            return F.conv2d(x, w, b, stride=stride, padding=padding, groups=groups)
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -159,6 +187,7 @@ class _GroupedConv(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_x: Tensor | None, t_w: Tensor | None, t_b: Tensor | None, *_) -> Tensor:
         x, w = ctx.saved_tensors
+        t_x, t_w, t_b = (_like(t, x) for t in (t_x, t_w, t_b))
         conv = functools.partial(_conv_like, ctx)
         terms = [conv(t_x, w) if t_x is not None else None, conv(x, t_w) if t_w is not None else None,
                  t_b[:, None, None] if t_b is not None else None]
@@ -200,6 +229,7 @@ class _GroupedConvBackward(torch.autograd.Function):
     @staticmethod
     def jvp(ctx, t_g: Tensor | None, t_x: Tensor | None, t_w: Tensor | None, *_):
         g, x, w = ctx.saved_tensors
+        t_g, t_x, t_w = (_like(t, x) for t in (t_g, t_x, t_w))
         out: list[Tensor | None] = [None, None, None]
         # gx is linear in (g, w), gw in (g, x), gb in g: each tangent feeds the outputs that depend on it
         for args, feeds in (((t_g, x, w), (True, True, True)), ((g, t_x, w), (False, True, False)),
@@ -213,10 +243,16 @@ class _GroupedConvBackward(torch.autograd.Function):
         return tuple(out)
 
 
+def _accumulation_dtype(x: Tensor) -> torch.dtype | None:
+    """float32 for a bfloat16/float16 ``x`` (aten's accumulation type, in which BatchNorm keeps its statistics), else
+    None (x's own)."""
+    return torch.float32 if torch.finfo(x.dtype).bits < 32 else None
+
+
 def _channel_sum(x: Tensor) -> Tensor:
     """Sum per channel (dim 1) of ``[B, C, H, W]`` over dims 0, 2, 3, as two contiguous reductions (one over
-    dims (0, 2, 3) at once is several times slower on CPU)."""
-    return x.sum((2, 3)).sum(0)
+    dims (0, 2, 3) at once is several times slower on CPU); in float32 for a bfloat16/float16 x."""
+    return x.sum((2, 3), dtype=_accumulation_dtype(x)).sum(0)
 
 
 def _channel_mean(x: Tensor) -> Tensor:
@@ -313,12 +349,15 @@ def _max_pool_2x2(x: Tensor) -> tuple[Tensor, Tensor]:
     out = torch.maximum(top, bottom)
     right_top, right_bottom, lower = (top - a).sign_(), (bottom - c).sign_(), (out - top).sign_()  # 0. or 1.
     rows, cols = out.shape[-2:]
-    corner = ((torch.arange(rows, device=x.device) * 2 * width)[:, None]
-              + torch.arange(0, 2 * cols, 2, device=x.device)).to(x.dtype)
-    # exact small integers (float32: below 2^24). A NaN never makes an index leave its window, which the backward
-    # would write through: torch.sign(NaN) is 0 ((0 < a) - (a < 0), on CPU and CUDA; tested)
+    corner = (torch.arange(rows, device=x.device) * 2 * width)[:, None] + torch.arange(0, 2 * cols, 2, device=x.device)
+    # A NaN never makes an index leave its window, which the backward would write through: torch.sign(NaN) is 0
+    # ((0 < a) - (a < 0), on CPU and CUDA; tested)
+    if torch.finfo(x.dtype).bits < 32:  # bfloat16/float16: integers above 256/2048 not exact, so int64 throughout
+        index = torch.where(lower.bool(), right_bottom.long() + width, right_top.long())
+        return out, index.add_(corner)
+    # exact small integers (float32: below 2^24)
     index = torch.lerp(right_top, right_bottom.add_(width), lower)
-    return out, index.add_(corner).long()
+    return out, index.add_(corner.to(x.dtype)).long()
 
 
 def _max_pool_vjp(g: Tensor, x: Tensor, index: Tensor) -> Tensor:
@@ -337,11 +376,13 @@ class _PooledStats(torch.autograd.Function):
     backward builds d/dx in one buffer: the statistics' term, centred, with the pooled gradient added at the maxima
     (``scatter_add_``) in place, where two Functions would each write a full map (aten's max-pool backward zeroes
     one) and autograd would add them up, three more passes over the largest map of the net. Under ``create_graph``
-    (Hessian-vector products) the same sum, written with differentiable operations."""
+    (Hessian-vector products) the same sum, written with differentiable operations. For a bfloat16/float16 map the
+    pooled values and statistics come in float32 (their gradients too: d/dx is rounded once, as by aten's BatchNorm)."""
 
     @staticmethod
     def forward(x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        return (*_max_pool_2x2(x), *_ChannelStats.forward(x))
+        (pooled, index), (mean, var) = _max_pool_2x2(x), _ChannelStats.forward(x)
+        return pooled.to(mean.dtype), index, mean, var
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
@@ -354,14 +395,15 @@ class _PooledStats(torch.autograd.Function):
         x, index, mean = ctx.saved_tensors
         d_x = _channel_stats_vjp(x, mean, g_mean, g_var)
         if torch.is_grad_enabled():  # the backward is itself differentiated
-            return d_x + _max_pool_vjp(g, x, index)
-        d_x.flatten(-2).scatter_add_(-1, index.flatten(-2), g.reshape(index.shape).flatten(-2))  # g at the maxima
+            return d_x + _max_pool_vjp(g, x.to(g.dtype), index)
+        g = g.reshape(index.shape).flatten(-2).to(d_x.dtype)  # (d_x in float32 for a bfloat16/float16 map)
+        d_x.flatten(-2).scatter_add_(-1, index.flatten(-2), g)  # g at the maxima
         return d_x
 
     @staticmethod
     def jvp(ctx, t: Tensor) -> tuple[Tensor, None, Tensor, Tensor]:
         x, index, mean = ctx.saved_tensors
-        return (_max_pool_jvp(t, index), None, *_channel_stats_jvp(x, mean, t))
+        return (_max_pool_jvp(t, index).to(mean.dtype), None, *_channel_stats_jvp(x, mean, t))
 
 
 def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta: Tensor, conv: nn.Conv2d,
@@ -383,7 +425,8 @@ def _conv_bn_relu_max_pool(h: Tensor, w: Tensor, b: Tensor, gamma: Tensor, beta:
     scale = gamma * sign * torch.rsqrt(var + eps)
     # scale * (pooled - mean) + beta, centred first: scale * pooled + (beta - mean * scale) would put the gradients of
     # gamma and the mean in float32 cancellation (sum(g * pooled) - mean * sum(g)) where |mean| >> std
-    return F.relu(torch.addcmul(beta[:, None, None], pooled - mean[:, None, None], scale[:, None, None]))
+    # (in float32 for a bfloat16/float16 map, then back to its dtype, as aten's BatchNorm)
+    return F.relu(torch.addcmul(beta[:, None, None], pooled - mean[:, None, None], scale[:, None, None]).to(h.dtype))
 
 
 def _batch_norm(h: Tensor, gamma: Tensor, beta: Tensor, eps: float) -> Tensor:
@@ -438,7 +481,7 @@ class _BatchNorm(torch.autograd.Function):
             t_y = t_y + (rstd * t_gamma)[:, None, None] * centred
         if t_beta is not None:
             t_y = t_y + t_beta[:, None, None]
-        return t_y, None, None
+        return t_y.to(x.dtype), None, None  # (float32 statistics for a bfloat16/float16 x: y is in x's dtype)
 
 
 class MLP(nn.Module):
