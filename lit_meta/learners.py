@@ -15,7 +15,9 @@ first-order MAML and Reptile differ only in that one method.
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
+from collections import deque
 from typing import Any, Literal
 
 import lightning as L
@@ -210,21 +212,40 @@ class MetaLearner(EpisodicLearner):
         lr_scheduler: optional outer LR scheduler, stepped once per meta-update. Default None.
         nan_policy: a task whose inner loss or meta-gradient is not finite: ``"raise"`` (default) stops
             with the task index and inner step; ``"skip"`` leaves it out of the meta-update and logs
-            ``train/skipped_tasks``. Never a NaN meta-update.
+            ``train/skipped_tasks``, within a bound (``max_skip_fraction``). Never a NaN meta-update.
         task_chunk_size: meta-gradients of at most this many tasks at once (the rest in turn): bounds
             peak memory for the same result. Default None: the whole (per-process) meta-batch at once.
+        max_skip_fraction: under ``nan_policy="skip"``, the largest fraction of tasks (counted over all
+            DDP ranks) that may be skipped over the last ``skip_window`` training steps (all the steps so
+            far while fewer have run); more raises ``FloatingPointError``, before that step's meta-update.
+            A step whose every task is skipped always raises (there is nothing to update with). In (0, 1];
+            1 leaves only that rule. Default 0.5.
+        skip_window: the number of recent training steps (meta-updates) ``max_skip_fraction`` is measured
+            over, >= 1. Default 50.
     """
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
+                 skip_window: int = 50) -> None:
         super().__init__(net, inner_steps, inner_lr)
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy={nan_policy!r} is not one of 'raise', 'skip'")
         if task_chunk_size is not None and task_chunk_size < 1:
             raise ValueError(f"task_chunk_size={task_chunk_size} must be >= 1 (or None for the whole meta-batch)")
+        if isinstance(max_skip_fraction, bool) or not isinstance(max_skip_fraction, numbers.Real) \
+                or not 0 < max_skip_fraction <= 1:
+            raise ValueError(f"max_skip_fraction={max_skip_fraction!r} must be in (0, 1]: the largest fraction of "
+                             f"tasks nan_policy='skip' may leave out over the last skip_window steps (default 0.5; "
+                             f"1: raise only when every task of a step is skipped)")
+        if isinstance(skip_window, bool) or not isinstance(skip_window, numbers.Integral) or skip_window < 1:
+            raise ValueError(f"skip_window={skip_window!r} must be an int >= 1: the number of recent training steps "
+                             f"max_skip_fraction is measured over (default 50)")
         self.optimizer_factory, self.lr_scheduler_factory, self.nan_policy = optimizer, lr_scheduler, nan_policy
         self.task_chunk_size = task_chunk_size
+        self.max_skip_fraction, self.skip_window = float(max_skip_fraction), int(skip_window)
+        # (skipped, total) tasks of the last skip_window steps, summed over the DDP ranks (nan_policy='skip')
+        self._skip_counts: deque[tuple[float, float]] = deque(maxlen=self.skip_window)
         # read by callbacks (lit_meta.callbacks): the last training step's mean inner-loss curve and ||theta.grad||
         self.last_inner_curve: Tensor | None = None
         self.last_meta_grad_norm: Tensor | None = None
@@ -297,23 +318,60 @@ class MetaLearner(EpisodicLearner):
     def meta_update(self, grad_sum: Params, finite: Tensor) -> None:
         """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step.
 
-        The per-rank sums and task counts travel in one flat tensor through the strategy's all-reduce,
-        so every DDP rank applies the same update (assigning ``p.grad`` alone would bypass DDP).
+        The per-rank sums and task counts (finite, all) travel in one flat tensor through the strategy's
+        all-reduce, so every DDP rank applies the same update (assigning ``p.grad`` alone would bypass DDP)
+        and, under ``nan_policy="skip"``, takes the same decision on the skipped tasks (:meth:`_check_skipped`).
         """
         names = list(grad_sum)
-        flat = torch.cat([grad_sum[k].flatten() for k in names] + [finite.sum().view(1).to(grad_sum[names[0]].dtype)])
+        dtype = grad_sum[names[0]].dtype
+        counts = torch.stack([finite.sum(), torch.tensor(finite.numel(), device=finite.device)]).to(dtype)
+        flat = torch.cat([grad_sum[k].flatten() for k in names] + [counts])
         flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
-        count = flat[-1].clamp(min=1.0)
-        self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-1]).detach() / count  # ||theta.grad||
+        if self.nan_policy == "skip":
+            self._check_skipped(flat[-2:])
+        count = flat[-2].clamp(min=1.0)
+        self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-2]).detach() / count  # ||theta.grad||
         optimizer = self.optimizers()
         optimizer.zero_grad()
         params = dict(self.net.named_parameters())
-        for chunk, name in zip(torch.split(flat[:-1], [grad_sum[k].numel() for k in names]), names):
+        for chunk, name in zip(torch.split(flat[:-2], [grad_sum[k].numel() for k in names]), names):
             params[name].grad = (chunk / count).view_as(params[name]).to(params[name].dtype)
         optimizer.step()
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def _check_skipped(self, counts: Tensor) -> None:
+        """The bound of ``nan_policy="skip"``: raise ``FloatingPointError`` if every task of this step, or more
+        than ``max_skip_fraction`` of the tasks of the last ``skip_window`` steps, were skipped.
+
+        ``counts``: ``[2]`` finite and all tasks of this step, summed over the DDP ranks (the all-reduced tail
+        of :meth:`meta_update`'s flat tensor): every rank sees the same numbers and stops together, before the
+        meta-update.
+        """
+        finite, total = counts.tolist()
+        skipped = total - finite
+        where = f"training step at global step {self.global_step} (epoch {self.current_epoch})"
+        fix = (f"lower inner_lr (now {self.inner_lr}) or the outer learning rate; nan_policy='raise' stops at the "
+               f"first bad task and names it and its inner step")
+        if total > 0 and finite == 0:
+            raise FloatingPointError(
+                f"non-finite inner loss or meta-gradient in every task ({int(skipped)} of {int(total)}, all ranks) "
+                f"of the {where}: nan_policy='skip' left them all out, so there is no meta-update to make. "
+                f"To fix: {fix}"
+            )
+        self._skip_counts.append((skipped, total))
+        window_skipped = sum(s for s, _ in self._skip_counts)
+        window_total = sum(t for _, t in self._skip_counts)
+        if window_skipped > self.max_skip_fraction * window_total:
+            n = len(self._skip_counts)
+            raise FloatingPointError(
+                f"{int(window_skipped)} of {int(window_total)} tasks ({window_skipped / window_total:.0%}) of the last "
+                f"{n} training step{'s' if n > 1 else ''} (up to the {where}, all ranks) had a non-finite inner loss "
+                f"or meta-gradient and were skipped: more than max_skip_fraction={self.max_skip_fraction} (over "
+                f"skip_window={self.skip_window} steps), the meta-gradient comes from too few tasks. To fix: {fix}; "
+                f"or, knowingly, raise max_skip_fraction"
+            )
 
     def _finite_tasks(self, per_task: list[Tensor], curve: Tensor | None) -> Tensor:
         """``[T]`` bool: every per-task tensor (leading dim T) and the inner-loss curve ``[steps + 1, T]``
@@ -350,15 +408,17 @@ class IMAML(MetaLearner):
         inner_solver: ``"gd"``, ``"adam"`` or ``"hessian_free"`` (Newton-CG, iMAML-HF). Default ``"gd"``.
         cg_steps: conjugate-gradient iterations of the meta-gradient solve (paper: 5). Default 5.
         cg_tol: CG stops early when every task's residual is <= cg_tol * ||grad L^test||. Default 1e-10.
-        optimizer, lr_scheduler, nan_policy, task_chunk_size: see :class:`MetaLearner` (outer Adam 1e-3
-            as the paper).
+        optimizer, lr_scheduler, nan_policy, task_chunk_size, max_skip_fraction, skip_window: see
+            :class:`MetaLearner` (outer Adam 1e-3 as the paper).
     """
 
     def __init__(self, net: nn.Module | None = None, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
                  inner_solver: Literal["gd", "adam", "hessian_free"] = "gd", cg_steps: int = 5, cg_tol: float = 1e-10,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
+                 skip_window: int = 50) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
         if not lam > 0:
             raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
         if cg_steps < 1:
@@ -398,8 +458,9 @@ class MAML(MetaLearner):
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, inner_lr: float = 0.4,
                  first_order: bool = False, optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise",
-                 task_chunk_size: int | None = None) -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
+                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
         self.first_order = first_order
 
     def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
@@ -424,8 +485,10 @@ class Reptile(MetaLearner):
 
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
-        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size)
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
+                 skip_window: int = 50) -> None:
+        super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
 
     def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         theta = params_of(self.net)

@@ -11,9 +11,11 @@ serves them all.
 
 from __future__ import annotations
 
+import difflib
+import inspect
 import math
 import time
-from typing import Any, Callable, Literal, Sequence
+from typing import Any, Callable, Literal, Mapping, Sequence
 
 import gymnasium as gym
 import numpy as np
@@ -28,6 +30,12 @@ from lit_meta.rl.collect import RolloutCollector
 from lit_meta.rl.true_dynamics import TrueDynamics
 
 PLANNERS = ("random_shooting", "cem", "mppi")
+# planner arguments MPCController passes itself on every call: not planner_kwargs
+_PER_CALL = ("horizon", "n_candidates", "action_low", "action_high", "generator", "termination_fn")
+# MPCController arguments its builder supplies (DynamicsLearner.policy, evaluate): not settings of a learner's mpc
+_SUPPLIED = {"learner": "the learner itself", "reward_fn": "the env (env_reward_fns)",
+             "termination_fn": "the env (env_reward_fns)", "action_low": "the env's action space",
+             "action_high": "the env's action space", "past_window": "the DataModule (data.init_args.past_window)"}
 
 
 def env_reward_fns(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[Callable, Callable | None]:
@@ -47,6 +55,78 @@ def env_reward_fns(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tup
             f"optionally termination_fn(obs, action, next_obs) -> BoolTensor"
         )
     return reward_fn, termination_fn
+
+
+def _did_you_mean(key: str, names: Sequence[str]) -> str:
+    close = difflib.get_close_matches(str(key), list(names), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _check_settings(adapt: bool, planner: str, horizon: int, n_candidates: int,
+                    planner_kwargs: Mapping[str, Any] | None, seed: int, where: str) -> None:
+    """Check :class:`MPCController`'s settings before any step; ValueError naming the setting, its value, the
+    allowed names or range and ``where`` to fix it. Ranges are the planners' own checks
+    (:mod:`lit_meta.rl.planners`), with their defaults for the planner arguments not given; tensor arguments
+    (``init_std``, ``noise_std``, ``init_mean``) are checked when planning (their shapes need the envs)."""
+    def fail(message: str) -> ValueError:
+        return ValueError(f"{message}; fix it in {where}")
+
+    if not isinstance(adapt, (bool, np.bool_)):
+        raise fail(f"adapt={adapt!r}: must be True or False (False: plan with the meta-learned weights)")
+    if planner not in PLANNERS:
+        raise fail(f"planner={planner!r} is not one of {PLANNERS}")
+    if planner_kwargs is not None and not isinstance(planner_kwargs, Mapping):
+        raise fail(f"planner_kwargs={planner_kwargs!r}: must be a dict of {planner} arguments (or None)")
+    kwargs = dict(planner_kwargs or {})
+    params = inspect.signature(getattr(planners, planner)).parameters
+    own = [n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in _PER_CALL]
+    for key, value in kwargs.items():
+        if key in _PER_CALL:
+            instead = f": set mpc.{key} instead" if key in ("horizon", "n_candidates") else " (from the env): remove it"
+            raise fail(f"planner_kwargs {key!r} (= {value!r}) is set by the controller{instead}")
+        if key not in own:
+            raise fail(f"planner_kwargs {key!r} (= {value!r}) is not an argument of the {planner} planner; its "
+                       f"arguments are {', '.join(own)}{_did_you_mean(key, own)}")
+    settings = {**{n: params[n].default for n in own}, **kwargs}
+    try:
+        planners._check_int("seed", seed, 0, "the planner's generator takes a seed >= 0")
+        planners._check_sizes(horizon, n_candidates)
+        if planner == "cem":
+            planners._check_cem_settings(n_candidates, settings["iterations"], settings["n_elites"], settings["alpha"])
+        elif planner == "mppi":
+            planners._check_mppi_settings(settings["temperature"], settings["iterations"])
+    except ValueError as err:
+        raise fail(str(err)) from None
+
+
+def mpc_settings() -> dict[str, Any]:
+    """The :class:`MPCController` arguments a dynamics learner's ``mpc`` dict may set, with their defaults
+    (the others come from the learner, the env and the DataModule)."""
+    return {n: p.default for n, p in inspect.signature(MPCController).parameters.items() if n not in _SUPPLIED}
+
+
+def check_mpc(mpc: Mapping[str, Any] | None, where: str = "model.init_args.mpc") -> None:
+    """Check a dynamics learner's ``mpc`` (keyword arguments of :class:`MPCController`) when the learner is
+    built, not after the random rollouts and an epoch: every key is a setting (:func:`mpc_settings`), the
+    planner is one of :data:`PLANNERS`, every ``planner_kwargs`` key is an argument of that planner, and the
+    values are in the planners' ranges. Raises ValueError naming the key, its value, the allowed names or
+    range and ``where`` to fix it (default ``model.init_args.mpc``, the place in a LightningCLI config)."""
+    if mpc is None:
+        return
+    settings = mpc_settings()
+    if not isinstance(mpc, Mapping):
+        raise ValueError(f"mpc={mpc!r}: must be a dict of MPCController arguments ({', '.join(settings)}) or None; "
+                         f"fix it in {where}")
+    for key, value in mpc.items():
+        if key in _SUPPLIED:
+            raise ValueError(f"mpc key {key!r} (= {value!r}) is not a setting: the controller takes it from "
+                             f"{_SUPPLIED[key]}; remove it from {where}")
+        if key not in settings:
+            raise ValueError(f"mpc key {key!r} (= {value!r}) is not an argument of MPCController; the keys are "
+                             f"{', '.join(settings)}{_did_you_mean(key, settings)}; fix it in {where}")
+    given = {**settings, **mpc}
+    _check_settings(given["adapt"], given["planner"], given["horizon"], given["n_candidates"],
+                    given["planner_kwargs"], given["seed"], where)
 
 
 def adapted_params(learner, n: int, past_obs: Tensor | None = None, past_action: Tensor | None = None,
@@ -89,15 +169,16 @@ class MPCController:
         planner: ``"random_shooting"`` (paper), ``"cem"`` or ``"mppi"``. horizon: H (paper 10).
         n_candidates: sequences per step (paper 500). planner_kwargs: extra planner arguments (e.g.
             ``iterations``, ``n_elites``, ``temperature``).
-        seed: seed of the planner's generator (reset per batch of rollouts from the rollouts' seeds).
+        seed: seed of the planner's generator (reset per batch of rollouts from the rollouts' seeds), >= 0.
+
+    The settings (``adapt`` ... ``seed``) are checked here, before any step (:func:`check_mpc`).
     """
 
     def __init__(self, learner, reward_fn: Callable, termination_fn: Callable | None, action_low: Sequence[float],
                  action_high: Sequence[float], past_window: int = 16, adapt: bool = True,
                  planner: Literal["random_shooting", "cem", "mppi"] = "random_shooting", horizon: int = 10,
                  n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0) -> None:
-        if planner not in PLANNERS:
-            raise ValueError(f"planner={planner!r} is not one of {PLANNERS}")
+        _check_settings(adapt, planner, horizon, n_candidates, planner_kwargs, seed, "the MPCController arguments")
         if past_window < 1:
             raise ValueError(f"past_window={past_window} must be >= 1")
         self.learner, self.reward_fn, self.termination_fn = learner, reward_fn, termination_fn

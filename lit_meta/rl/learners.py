@@ -34,6 +34,7 @@ from lit_meta.episode import Episode, Transitions, Window
 from lit_meta.functional import TaskParams, per_task_loss, mse_loss
 from lit_meta.learners import IMAML, MAML, EpisodicLearner, NanPolicy
 from lit_meta.nets import MLP
+from lit_meta.rl.control import check_mpc
 from lit_meta.rl.dynamics import Normalizer
 
 PAPER_HIDDEN = (512, 512, 512)
@@ -50,8 +51,10 @@ class DynamicsLearner:
         aggregate_every_n_epochs: collect a new round of rollouts with :meth:`policy` at the start of every
             n-th epoch (not epoch 0); 0 never. Default 1.
         mpc: arguments of the :class:`~lit_meta.rl.control.MPCController` that collects those rollouts
-            (``planner``, ``horizon``, ``n_candidates``, ``planner_kwargs``). Default: random shooting,
-            500 candidates, horizon 10 (paper).
+            (``planner``, ``horizon``, ``n_candidates``, ``planner_kwargs``, ``adapt``, ``seed``). Default: random
+            shooting, 500 candidates, horizon 10 (paper). Checked when the learner is built
+            (:func:`~lit_meta.rl.control.check_mpc`): an unknown key, planner or planner argument, or a value out
+            of range, is a ValueError naming it, not a failure after the random rollouts.
     """
 
     normalizer: Normalizer
@@ -62,6 +65,7 @@ class DynamicsLearner:
             raise ValueError(f"obs_dim={obs_dim} and action_dim={action_dim} must be >= 1")
         if aggregate_every_n_epochs < 0:
             raise ValueError(f"aggregate_every_n_epochs={aggregate_every_n_epochs} must be >= 0 (0: never)")
+        check_mpc(mpc)
         self.normalizer = Normalizer(obs_dim, action_dim, exclude_obs_dims)
         self.aggregate_every_n_epochs = aggregate_every_n_epochs
         self.mpc = dict(mpc or {})
@@ -145,17 +149,20 @@ class GrBAL(DynamicsLearner, MAML):
         inner_steps: SGD steps of adaptation (paper: 1). Default 1.
         inner_lr: adaptation step size. Default 0.01.
         first_order: first-order meta-gradient. Default False.
-        obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs: see :class:`DynamicsLearner`.
-        optimizer, lr_scheduler, nan_policy, task_chunk_size: see :class:`~lit_meta.learners.MetaLearner`.
+        obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc: see :class:`DynamicsLearner`.
+        optimizer, lr_scheduler, nan_policy, task_chunk_size, max_skip_fraction, skip_window: see
+            :class:`~lit_meta.learners.MetaLearner`.
     """
 
     def __init__(self, net: nn.Module | None = None, obs_dim: int = 18, action_dim: int = 6,
                  exclude_obs_dims: Sequence[int] = (0,), inner_steps: int = 1, inner_lr: float = 0.01,
                  first_order: bool = False, aggregate_every_n_epochs: int = 1, mpc: dict[str, Any] | None = None,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
-                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
+                 nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
+                 skip_window: int = 50) -> None:
         super().__init__(self._default_net(net, obs_dim, action_dim, exclude_obs_dims), inner_steps, inner_lr,
-                         first_order, optimizer, lr_scheduler, nan_policy, task_chunk_size)
+                         first_order, optimizer, lr_scheduler, nan_policy, task_chunk_size,
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
         self._init_dynamics(obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc)
 
 
@@ -164,7 +171,8 @@ class ImplicitGrBAL(DynamicsLearner, IMAML):
     then (I + H/lam) g = grad L_future(phi) by CG. Memory does not grow with ``inner_steps``.
 
     Args: as :class:`~lit_meta.learners.IMAML` (defaults here: lam 1.0, 5 inner steps of lr 0.01,
-    5 CG steps) plus ``obs_dim``, ``action_dim``, ``exclude_obs_dims``, ``aggregate_every_n_epochs``
+    5 CG steps; ``nan_policy``, ``max_skip_fraction``, ``skip_window``: see :class:`~lit_meta.learners.MetaLearner`)
+    plus ``obs_dim``, ``action_dim``, ``exclude_obs_dims``, ``aggregate_every_n_epochs``, ``mpc``
     (:class:`DynamicsLearner`). Default net: the paper's 3 x 512 ReLU MLP.
     """
 
@@ -173,9 +181,11 @@ class ImplicitGrBAL(DynamicsLearner, IMAML):
                  inner_lr: float = 0.01, inner_solver: Literal["gd", "adam", "hessian_free"] = "gd",
                  cg_steps: int = 5, cg_tol: float = 1e-10, aggregate_every_n_epochs: int = 1,
                  mpc: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam,
-                 lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None) -> None:
+                 lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise",
+                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50) -> None:
         super().__init__(self._default_net(net, obs_dim, action_dim, exclude_obs_dims), lam, inner_steps, inner_lr,
-                         inner_solver, cg_steps, cg_tol, optimizer, lr_scheduler, nan_policy, task_chunk_size)
+                         inner_solver, cg_steps, cg_tol, optimizer, lr_scheduler, nan_policy, task_chunk_size,
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
         self._init_dynamics(obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc)
 
 

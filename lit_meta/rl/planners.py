@@ -88,6 +88,29 @@ def _check_positive(name: str, value, fix: str) -> float:
     return float(value)
 
 
+def _check_sizes(horizon, n_candidates) -> None:
+    """Every planner's ``horizon`` and ``n_candidates`` (also checked by ``MPCController`` when it is built)."""
+    _check_int("horizon", horizon, 1, "plan at least one step ahead (paper: horizon=10)")
+    _check_int("n_candidates", n_candidates, 1, "sample at least one candidate (paper: n_candidates=500)")
+
+
+def _check_cem_settings(n_candidates, iterations, n_elites, alpha) -> None:
+    """:func:`cem`'s scalar settings (also checked by ``MPCController`` when it is built)."""
+    _check_int("iterations", iterations, 1, "run at least one CEM iteration (PETS: 5)")
+    _check_int("n_elites", n_elites, 1, "keep at least one elite (PETS: 50)")
+    if n_elites > n_candidates:
+        raise ValueError(f"n_elites={n_elites} > n_candidates={n_candidates}: the elites are a subset of the "
+                         f"candidates; use n_elites <= {n_candidates} (e.g. n_candidates // 10)")
+    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha < 1:
+        raise ValueError(f"alpha={alpha!r}: the smoothing weight of the old mean must be in [0, 1) (PETS: 0.1)")
+
+
+def _check_mppi_settings(temperature, iterations) -> None:
+    """:func:`mppi`'s scalar settings (also checked by ``MPCController`` when it is built)."""
+    _check_positive("temperature", temperature, "it is lambda of exp(R / lambda), in return units (e.g. 1.0)")
+    _check_int("iterations", iterations, 1, "run at least one MPPI update (Williams et al.: 1)")
+
+
 def action_bounds(action_low: Bound, action_high: Bound, *, act_dim: int | None = None,
                   dtype: torch.dtype = torch.float32, device=None) -> tuple[Tensor, Tensor]:
     """``(low, high)`` as ``Tensor[act_dim]`` on ``device``, validated (finite, same size, low <= high).
@@ -137,8 +160,7 @@ def _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidate
                          f"{reward_fn!r}: pass env.unwrapped.reward_fn (or lit_meta.envs.reward_fn(env_id))")
     if termination_fn is not None and not callable(termination_fn):
         raise ValueError(f"termination_fn must be None or a callable returning BoolTensor[B], got {termination_fn!r}")
-    _check_int("horizon", horizon, 1, "plan at least one step ahead (paper: horizon=10)")
-    _check_int("n_candidates", n_candidates, 1, "sample at least one candidate (paper: n_candidates=500)")
+    _check_sizes(horizon, n_candidates)
     if not isinstance(obs, Tensor):
         raise ValueError(f"obs must be a torch.Tensor [E, obs_dim] (or [obs_dim]), got {type(obs).__name__}: "
                          "wrap it with torch.as_tensor(obs, dtype=torch.float32)")
@@ -352,13 +374,7 @@ def cem(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, horizon: int = 
     """
     obs, unbatched, low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates,
                                               action_low, action_high, act_dim, generator)
-    _check_int("iterations", iterations, 1, "run at least one CEM iteration (PETS: 5)")
-    _check_int("n_elites", n_elites, 1, "keep at least one elite (PETS: 50)")
-    if n_elites > n_candidates:
-        raise ValueError(f"n_elites={n_elites} > n_candidates={n_candidates}: the elites are a subset of the "
-                         f"candidates; use n_elites <= {n_candidates} (e.g. n_candidates // 10)")
-    if not isinstance(alpha, numbers.Real) or isinstance(alpha, bool) or not 0 <= alpha < 1:
-        raise ValueError(f"alpha={alpha!r}: the smoothing weight of the old mean must be in [0, 1) (PETS: 0.1)")
+    _check_cem_settings(n_candidates, iterations, n_elites, alpha)
     E, A = obs.shape[0], low.numel()
     mean, std = _gaussian(init_mean, "init_std", init_std, low, high, E, horizon, obs, strict=False)
     with torch.no_grad():
@@ -421,8 +437,7 @@ def mppi(dynamics: Dynamics, reward_fn: RewardFn, obs: Tensor, *, horizon: int =
     """
     obs, unbatched, low, high = _check_common(dynamics, reward_fn, termination_fn, obs, horizon, n_candidates,
                                               action_low, action_high, act_dim, generator)
-    _check_positive("temperature", temperature, "it is lambda of exp(R / lambda), in return units (e.g. 1.0)")
-    _check_int("iterations", iterations, 1, "run at least one MPPI update (Williams et al.: 1)")
+    _check_mppi_settings(temperature, iterations)
     E, A = obs.shape[0], low.numel()
     mean, std = _gaussian(init_mean, "noise_std", noise_std, low, high, E, horizon, obs, strict=True)
     with torch.no_grad():
