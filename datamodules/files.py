@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import shutil
 import tempfile
 import urllib.request
+import zipfile
+import zlib
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import torch
+
+log = logging.getLogger("lit_meta.datamodules")
 
 
 def data_root() -> Path:
@@ -62,7 +67,8 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     """``torch.save`` to a temporary file in the same folder, flushed to disk, then renamed over ``path``: a reader
     (or a process killed at any moment) sees the old file or the new one, never a half-written one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(obj, f)
@@ -72,6 +78,104 @@ def atomic_torch_save(obj: Any, path: Path) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def remove_stale_temporaries(folder: Path) -> list[Path]:
+    """Delete the temporary files that :func:`atomic_torch_save` left in ``folder`` when its process was killed
+    mid-write (``.NAME.PID.XXXX.tmp`` whose process PID no longer runs on this machine); returns them. A temporary
+    file of a live process (another run writing now) is left alone."""
+    removed = []
+    for tmp in folder.glob(".*.tmp"):
+        parts = tmp.name.split(".")
+        pid = next((int(p) for p in reversed(parts[:-2]) if p.isdigit()), None)  # the last number before the suffix
+        if pid is None or pid == os.getpid() or _process_alive(pid):
+            continue
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def torch_file_problem(path: Path) -> str | None:
+    """What is wrong with a file written by ``torch.save``, or ``None`` when it reads back intact.
+
+    ``torch.save`` writes a zip archive with a CRC-32 of every member (tensor bytes included), but ``torch.load``
+    never checks them: a file damaged on disk loads as wrong numbers. This reads every member and compares its
+    CRC-32 (~1 s per GB): a truncated or foreign file ("not a zip archive") and a damaged member are named.
+    """
+    try:
+        with zipfile.ZipFile(path) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, EOFError, OSError) as error:
+        return f"not a readable torch.save archive (truncated, or another kind of file): {error}"
+    except (zlib.error, ValueError) as error:  # a damaged compressed member
+        return f"damaged content: {error}"
+    if bad is not None:
+        return f"damaged content: the bytes of {bad!r} do not match the CRC-32 written with the file"
+    return None
+
+
+def require_writable_cache_dir(cache_dir: Path, reason: str) -> None:
+    """Create ``cache_dir`` and a temporary file in it (named as :func:`atomic_torch_save`'s, so a killed process's
+    is cleaned up the same way), or raise ``PermissionError`` naming the folder and the fix.
+
+    Called before a cache is decoded (``reason``: why it must be written), so an unwritable folder fails in a
+    second instead of after minutes of decoding.
+    """
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=f".write-test.{os.getpid()}.", suffix=".tmp", dir=cache_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        raise PermissionError(
+            f"cache folder {cache_dir} cannot be written ({type(e).__name__}: {e}), and {reason}. Set cache_dir= "
+            f"(config data.init_args.cache_dir) to a writable folder, or the LIT_META_CACHE environment variable "
+            f"to one (the default cache_dir is a subfolder of it)") from e
+
+
+def load_or_build_cache(path: Path, build: Callable[[], dict], load: bool = True,
+                        problem: Callable[[dict], str | None] | None = None) -> dict | None:
+    """The dict cached at ``path`` when it is intact, else ``build()``, saved at ``path`` atomically.
+
+    Intact: every CRC-32 of the ``torch.save`` archive matches (:func:`torch_file_problem`; ``torch.load`` alone
+    returns damaged bytes as wrong pixels), it loads, and ``problem(data)`` (a description, or ``None``) has no
+    objection. Any other cache is logged (one warning naming file and problem) and rebuilt, never used; the folder
+    is checked writable before ``build`` runs. ``load=False`` only makes sure an intact cache exists (returns
+    ``None`` when it already does, without loading it).
+    """
+    reason = "no cache of these source files is there yet"
+    if path.is_file():
+        found = torch_file_problem(path)
+        if found is None and not load:
+            return None
+        if found is None:
+            try:
+                data = torch.load(path, weights_only=True)
+            except Exception as e:  # a foreign but well-formed archive, or an object weights_only refuses
+                found = f"torch.load failed ({type(e).__name__}: {e})"
+            else:
+                found = problem(data) if problem else None
+                if found is None:
+                    return data
+        log.warning("cache %s cannot be used: %s; rebuilding it from the source files", path, found)
+        reason = f"the cache {path.name} there cannot be used ({found}) and must be rebuilt"
+    require_writable_cache_dir(path.parent, reason)
+    data = build()
+    atomic_torch_save(data, path)
+    return data
 
 
 def check_archive_members(names: list[str], archive: Path) -> None:

@@ -11,7 +11,8 @@ public download, so this module reads a copy the user already has, in either com
   rebuilds numpy arrays, dicts and lists and refuses anything else.
 
 Each split is decoded once into a uint8 tensor ``[n_classes, n_samples, 3, H, W]`` cached in a cache
-directory (the data folder may be read-only); later runs load the cache. Classes are sorted by name;
+directory (the data folder may be read-only); later runs load the cache once its CRC-32s check out (a
+damaged cache is rebuilt, never used). Classes are sorted by name;
 images keep their order in the CSV / ``class_dict``. If classes have different numbers of images,
 every class keeps the first ``min`` images (the standard data has 600 everywhere).
 """
@@ -35,7 +36,7 @@ from PIL import Image
 from torch import Tensor
 
 from .episodic import ClassImageDataModule, require_positive
-from .files import atomic_torch_save, data_root, default_cache_dir
+from .files import data_root, default_cache_dir, load_or_build_cache
 from .sampler import SPLITS
 
 LAYOUTS = ("auto", "csv", "pickle")
@@ -270,8 +271,9 @@ def cached_split(layout: str, split: str, source: Path, image_size: int, cache_d
     """The decoded ``split`` (``{"images", "classes"}``), cached in ``cache_dir``.
 
     The cache key covers the source files' names, sizes and mtimes (for the CSV layout: the CSV and
-    every image it names) and ``image_size``. ``load=False`` only makes sure the cache exists (returns
-    ``None`` when it already does).
+    every image it names) and ``image_size``. ``load=False`` only makes sure an intact cache exists (returns
+    ``None`` when it already does). A damaged cache is rebuilt, an unwritable folder fails before decoding
+    (:func:`~lit_meta.datamodules.files.load_or_build_cache`).
     """
     decode: Callable[[], dict]
     if layout == "csv":
@@ -284,18 +286,15 @@ def cached_split(layout: str, split: str, source: Path, image_size: int, cache_d
         decode = lambda: decode_pickle_split(source, image_size)  # noqa: E731
     key = hashlib.sha1(json.dumps([layout, split, stats, image_size, CACHE_VERSION]).encode()).hexdigest()[:16]
     path = cache_dir / f"miniimagenet-{split}-{image_size}px-{key}.pt"
-    if path.is_file():
-        if not load:
-            return None
-        try:
-            data = torch.load(path, weights_only=True)
-            if isinstance(data.get("images"), Tensor) and data["images"].dtype == torch.uint8:
-                return data
-        except Exception:
-            pass  # an unreadable cache is rebuilt
-    data = decode()
-    atomic_torch_save(data, path)
-    return data
+    return load_or_build_cache(path, decode, load, _not_uint8_images)
+
+
+def _not_uint8_images(data: Any) -> str | None:
+    """Why ``data`` is not a decoded split (``{"images": uint8 tensor, ...}``), or ``None``."""
+    images = data.get("images") if isinstance(data, dict) else None
+    if isinstance(images, Tensor) and images.dtype == torch.uint8:
+        return None
+    return f"holds {type(data).__name__} without a uint8 tensor 'images'"
 
 
 # ----------------------------------------------------------------------------- the DataModule
@@ -351,7 +350,7 @@ class MiniImageNetDataModule(ClassImageDataModule):
         return found
 
     def prepare_data(self) -> None:
-        """Decode every split into the cache if it is not there yet (rank 0 of each node)."""
+        """Decode every split into the cache if it is not there yet or damaged (rank 0 of each node)."""
         layout, sources = self._sources()
         for split in SPLITS:
             cached_split(layout, split, sources[split], self.image_size, self.cache_dir, load=False)

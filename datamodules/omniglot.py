@@ -1,7 +1,8 @@
 """Omniglot few-shot episodes (Lake et al. 2015), read straight from the official zip files.
 
 The images are decoded once into a uint8 tensor cache (``[n_characters, 20, 1, H, W]``, strokes
-bright) in a cache directory, so the data folder may be read-only; later runs load the cache.
+bright) in a cache directory, so the data folder may be read-only; later runs load the cache once its
+CRC-32s check out (a damaged cache is rebuilt, never used).
 Classes are characters, augmented by 90-degree rotations (each rotation a new class, as in
 MAML/iMAML); all rotations of a character stay in the same split.
 """
@@ -21,7 +22,7 @@ from PIL import Image
 from torch import Tensor
 
 from .episodic import ClassImageDataModule, require_positive
-from .files import atomic_torch_save, check_archive_members, data_root, default_cache_dir, download
+from .files import check_archive_members, data_root, default_cache_dir, download, load_or_build_cache
 
 URL = "https://raw.githubusercontent.com/brendenlake/omniglot/master/python/"
 FULL = {"images_background.zip": "68d2efa1b9178cc56df9314c21c6e718",
@@ -102,18 +103,12 @@ def decode_zips(zips: list[Path], image_size: int) -> dict:
 
 
 def cached_decode(zips: list[Path], image_size: int, cache_dir: Path) -> dict:
-    """:func:`decode_zips`, cached in ``cache_dir`` under a key of the files' names, sizes and times."""
+    """:func:`decode_zips`, cached in ``cache_dir`` under a key of the files' names, sizes and times
+    (see :func:`load_or_build_cache`: a damaged cache is rebuilt, an unwritable folder fails before decoding)."""
     stats = [(z.name, z.stat().st_size, z.stat().st_mtime_ns) for z in zips]
     key = hashlib.sha1(json.dumps([stats, image_size, CACHE_VERSION]).encode()).hexdigest()[:16]
     path = cache_dir / f"omniglot-{image_size}px-{key}.pt"
-    if path.is_file():
-        try:
-            return torch.load(path, weights_only=True)
-        except Exception:
-            pass  # an unreadable cache is rebuilt
-    data = decode_zips(zips, image_size)
-    atomic_torch_save(data, path)
-    return data
+    return load_or_build_cache(path, lambda: decode_zips(zips, image_size))
 
 
 def split_indices(meta: dict, split: str, split_sizes: tuple[int, int, int] | None, split_seed: int) -> dict[str, np.ndarray]:
@@ -217,7 +212,8 @@ class OmniglotDataModule(ClassImageDataModule):
         self.split_characters: dict[str, list[tuple[str, str]]] = {}
 
     def prepare_data(self) -> None:
-        """Download the full zips if no usable set is in ``data_dir`` (rank 0 only), then build the cache."""
+        """Download the full zips if no usable set is in ``data_dir`` (rank 0 only), then build the cache (or
+        rebuild a damaged one)."""
         zips = find_zips(self.data_dir, self.variant)
         if zips is None:
             if not self.download or self.variant == "minimal":
