@@ -15,12 +15,13 @@ Everything is tensors and plain containers: checkpoints load with ``torch.load(w
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import random
-import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import numpy as np
@@ -28,7 +29,7 @@ import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit_meta.datamodules.files import atomic_torch_save
+from lit_meta.datamodules.files import atomic_torch_save, torch_file_problem
 
 log = logging.getLogger(__name__)
 
@@ -47,20 +48,143 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         atomic_torch_save(checkpoint, Path(path))
 
 
+#: the checkpoint key under which :class:`RunIdentity` stores what identifies the run
+RUN_KEY = "lit_meta_run"
+
+
+def _others_hint(path: Path) -> str:
+    others = sorted(p.name for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
+    return f"; other checkpoints in {path.parent}: {others}" if others else ""
+
+
 def check_checkpoint(path: str | os.PathLike | None) -> None:
-    """Before a run resumes from ``path``: refuse a missing, truncated or non-torch file with an error that says
-    so and lists the other checkpoints beside it (``None``, ``"last"``, ``"best"`` and remote paths are left to
-    Lightning, which resolves them)."""
+    """Before a run resumes from ``path``: refuse a missing, truncated, damaged or non-torch file with an error that
+    says so and lists the other checkpoints beside it (``None``, ``"last"``, ``"best"`` and remote paths are left to
+    Lightning, which resolves them; :func:`check_resume` checks the file they resolve to).
+
+    Damage is found by the CRC-32 that ``torch.save`` writes for every member of the archive (``torch.load``
+    never checks it): a checkpoint with damaged tensor bytes is refused, never trained on."""
     if path is None or str(path) in ("last", "best", "hpc", "registry") or "://" in str(path):
         return
     path = Path(path)
-    others = sorted(str(p.name) for p in path.parent.glob("*.ckpt") if p != path) if path.parent.is_dir() else []
-    hint = f"; other checkpoints in {path.parent}: {others}" if others else ""
     if not path.is_file():
-        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist{hint}")
-    if not zipfile.is_zipfile(path):  # torch.save writes a zip archive; a torn or foreign file is not one
-        raise ValueError(f"ckpt_path={str(path)!r} is not a readable checkpoint (truncated, or not written by "
-                         f"torch.save / Lightning); nothing was changed: resume from another checkpoint{hint}")
+        raise FileNotFoundError(f"ckpt_path={str(path)!r} does not exist{_others_hint(path)}")
+    problem = torch_file_problem(path)
+    if problem is not None:
+        kind = "is damaged" if problem.startswith("damaged") else "is not a readable checkpoint (truncated, or not " \
+            "written by torch.save / Lightning)"
+        raise ValueError(f"ckpt_path={str(path)!r} {kind}: {problem}; nothing was changed: resume from another "
+                         f"checkpoint{_others_hint(path)}")
+
+
+def run_identity(config: dict[str, Any]) -> dict[str, Any]:
+    """What identifies a run: the resolved ``model`` and ``data`` configs and ``seed_everything`` (plain
+    containers, ``weights_only``-loadable), and their SHA-256 fingerprint. The trainer's settings (epochs, devices,
+    loggers) are not part of it: a run may be resumed with more epochs or on other hardware."""
+    identity = json.loads(json.dumps({key: config.get(key) for key in ("model", "data", "seed_everything")},
+                                     sort_keys=True, default=str))
+    fingerprint = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+    return {"config": identity, "fingerprint": fingerprint}
+
+
+class RunIdentity(Callback):
+    """Writes :func:`run_identity` of the run (and its world size) into every checkpoint under ``RUN_KEY``, so
+    a resume can tell whether a checkpoint belongs to the run (``train.py`` adds it; see :func:`check_resume`)."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.identity = run_identity(config)
+
+    def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict[str, Any]) -> None:
+        checkpoint[RUN_KEY] = {**self.identity, "world_size": trainer.world_size}
+
+
+def config_differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted key, old value, new value)`` for every leaf where two nested configs differ (a missing key: None)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new), key=str)
+                for d in config_differences(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))]
+    return [] if old == new else [(prefix, old, new)]
+
+
+def _shape_differences(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    out = [f"{k}: {list(saved[k].shape)} (checkpoint) vs {list(current[k].shape)} (config)"
+           for k in saved.keys() & current.keys() if tuple(saved[k].shape) != tuple(current[k].shape)]
+    out += [f"{k}: only in the checkpoint" for k in saved.keys() - current.keys()]
+    out += [f"{k}: only in the config's model" for k in current.keys() - saved.keys()]
+    return sorted(out)
+
+
+def check_resume(path: str | os.PathLike, how: Literal["file", "last"], model: L.LightningModule,
+                 config: dict[str, Any], world_size: int = 1) -> list[tuple[str, Any, Any]]:
+    """Before a run resumes from ``path``, compare the checkpoint with the run's config; returns the differences.
+
+    One rule for both ways of resuming (``--ckpt_path FILE`` and ``--ckpt_path last``):
+
+    - the file must be intact (CRC-32 of every member) and a Lightning checkpoint, else ``ValueError`` naming it
+      and the good checkpoints beside it;
+    - a change the checkpoint cannot take (parameter shapes: ``hidden``, ``n_way``/``out_features``; a changed
+      ``lr_scheduler``; the optimizer under a scheduler) is refused, naming every differing key with both values;
+    - a compatible change: the config given wins, and the differences are logged (key, checkpoint value, config
+      value). Except with ``last``, which picks a file by folder: a ``last.ckpt`` written by a run with another
+      config (e.g. a finished earlier run of the same config file, after the new run died before its first
+      checkpoint) is refused; pass that file explicitly to continue it with this config.
+    """
+    path = Path(path)
+    check_checkpoint(path)
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as error:  # noqa: BLE001 - torch's message names no file
+        raise ValueError(f"ckpt_path={str(path)!r} could not be loaded as a checkpoint ({type(error).__name__}: "
+                         f"{error}){_others_hint(path)}") from error
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        keys = sorted(checkpoint)[:8] if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ValueError(f"ckpt_path={str(path)!r} is a torch file but not a Lightning checkpoint (no 'state_dict'; "
+                         f"found {keys}): pass a checkpoint written by train.py / Trainer.save_checkpoint"
+                         f"{_others_hint(path)}")
+    saved = checkpoint.get(RUN_KEY)
+    current = run_identity(config)
+    differences = config_differences(saved["config"], current["config"]) if saved else []
+    listing = "; ".join(f"{k}: {old!r} (checkpoint) -> {new!r} (config)" for k, old, new in differences)
+    shapes = _shape_differences(checkpoint["state_dict"], model.state_dict())
+    scheduled = any(k.startswith("model.init_args.lr_scheduler") for k, _, _ in differences) or (
+        checkpoint.get("lr_schedulers") and any(k.startswith("model.init_args.optimizer") for k, _, _ in differences))
+    if shapes or scheduled:
+        why = ("parameter shapes differ: " + "; ".join(shapes)) if shapes else \
+            "a learning-rate scheduler's restored state cannot take a changed optimizer or scheduler"
+        raise ValueError(f"cannot resume {path} with this config: {why}. Config keys that differ: "
+                         f"{listing or '(the checkpoint has no run identity)'}. Change them back to the checkpoint's "
+                         f"values, or start a new run (drop --ckpt_path)")
+    if how == "last" and saved and differences:
+        raise ValueError(
+            f"--ckpt_path last found {path}, written by another run (fingerprint {saved['fingerprint']}, this config "
+            f"{current['fingerprint']}): {listing}. Nothing was started. To continue that checkpoint with this "
+            f"config, pass it explicitly (--ckpt_path {path}); to start a new run, drop --ckpt_path or give the run "
+            f"a checkpoint folder of its own (ModelCheckpoint dirpath)")
+    if saved is None:
+        log.warning("%s has no run identity (written by an older lit-meta, or not by train.py): it cannot be checked "
+                    "to belong to this run", path)
+    elif saved.get("world_size", world_size) != world_size:
+        log.warning("resuming %s on %d processes (it was written by %d): the global meta-batch and its episodes are "
+                    "the same, each process takes its share", path, world_size, saved["world_size"])
+    if differences:
+        log.warning("resuming %s with a config that differs from the checkpoint's; the config wins: %s", path, listing)
+    return differences
+
+
+class ConfigOptimizer(Callback):
+    """After a resume, sets the optimizers' hyperparameters (lr, betas, weight decay ...) to the config's: Lightning
+    restores them from the checkpoint with the optimizer state, which would silently undo a changed learning rate.
+    The optimizer's state (moments, step counts) stays the checkpoint's. ``train.py`` adds it when the config's
+    optimizer differs from the checkpoint's (:func:`check_resume`)."""
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        fresh = pl_module.configure_optimizers()
+        if isinstance(fresh, dict):
+            fresh = fresh["optimizer"]
+        fresh = list(fresh) if isinstance(fresh, (list, tuple)) else [fresh]
+        for restored, new in zip(trainer.optimizers, fresh):
+            for group, new_group in zip(restored.param_groups, new.param_groups):
+                group.update({k: v for k, v in new_group.items() if k != "params"})
 
 
 def last_checkpoint_path(trainer: L.Trainer) -> Path:

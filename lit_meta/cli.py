@@ -5,17 +5,23 @@ or from the user's project by import path, is chosen with ``class_path`` in the 
 
 Every run also gets (see :mod:`lit_meta.checkpointing`): checkpoint files written atomically, a ``last.ckpt``
 on SIGTERM, and the global RNG states in each checkpoint, so ``fit ... --ckpt_path last`` after a kill continues
-as if the run had not stopped.
+as if the run had not stopped. Every checkpoint carries the run's identity (its resolved model/data config and
+seed); before a resume the checkpoint is checked (intact, a Lightning checkpoint, parameter shapes that fit) and
+compared with the config given: the config wins where compatible and the differences are listed; ``last`` refuses
+a checkpoint of another run (:func:`lit_meta.checkpointing.check_resume`).
 """
 
 from __future__ import annotations
+
+from pathlib import Path
 
 import lightning as L
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
 from lit_meta.allocator import keep_freed_memory
-from lit_meta.checkpointing import AtomicCheckpointIO, PreemptionCheckpoint, RNGStateCheckpoint, check_checkpoint
+from lit_meta.checkpointing import (AtomicCheckpointIO, ConfigOptimizer, PreemptionCheckpoint, RNGStateCheckpoint,
+                                    RunIdentity, check_checkpoint, check_resume, last_checkpoint_path)
 
 
 class LitMetaCLI(LightningCLI):
@@ -28,11 +34,42 @@ class LitMetaCLI(LightningCLI):
         if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters
             check_checkpoint(self.config[subcommand].get("ckpt_path"))
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's LightningCLI replaces the config's model arguments by the checkpoint's hyperparameters when
+        ``--ckpt_path`` is a file (and not when it is ``last``): here the config given wins in both cases, and
+        :meth:`_check_resume` compares the two before anything starts."""
+
+    def _config(self) -> dict:
+        subcommand = self.config.get("subcommand")
+        return (self.config[subcommand] if subcommand else self.config).as_dict()
+
     def instantiate_trainer(self, **kwargs) -> L.Trainer:
         trainer = super().instantiate_trainer(**kwargs)
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
+        trainer.callbacks.append(RunIdentity(self._config()))
         return trainer
+
+    def _check_resume(self, subcommand: str) -> None:
+        ckpt_path = self.config[subcommand].get("ckpt_path")
+        if ckpt_path is None or "://" in str(ckpt_path) or str(ckpt_path) in ("best", "hpc", "registry"):
+            return
+        how = "last" if str(ckpt_path) == "last" else "file"
+        path = last_checkpoint_path(self.trainer) if how == "last" else Path(ckpt_path)
+        if how == "last" and not path.is_file():
+            return  # Lightning says so and starts from scratch
+        differences = check_resume(path, how, self.model, self._config(), self.trainer.world_size)
+        if any(key.startswith("model.init_args.optimizer") for key, _, _ in differences):
+            self.trainer.callbacks.append(ConfigOptimizer())
+
+    def before_fit(self) -> None:
+        self._check_resume("fit")
+
+    def before_validate(self) -> None:
+        self._check_resume("validate")
+
+    def before_test(self) -> None:
+        self._check_resume("test")
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:
