@@ -246,6 +246,7 @@ class MetaLearner(EpisodicLearner):
         self.max_skip_fraction, self.skip_window = float(max_skip_fraction), int(skip_window)
         # (skipped, total) tasks of the last skip_window steps, summed over the DDP ranks (nan_policy='skip')
         self._skip_counts: deque[tuple[float, float]] = deque(maxlen=self.skip_window)
+        self._nan_message: str | None = None  # nan_policy='raise': this rank's first bad task, raised in meta_update
         # read by callbacks (lit_meta.callbacks): the last training step's mean inner-loss curve and ||theta.grad||
         self.last_inner_curve: Tensor | None = None
         self.last_meta_grad_norm: Tensor | None = None
@@ -329,6 +330,11 @@ class MetaLearner(EpisodicLearner):
         flat = self.trainer.strategy.reduce(flat, reduce_op="sum")
         if self.nan_policy == "skip":
             self._check_skipped(flat[-2:])
+        elif bool(flat[-2] < flat[-1]):  # every rank raises (a rank raising alone leaves the others waiting)
+            raise FloatingPointError(self._nan_message or (
+                f"a task on another DDP rank has a non-finite inner loss or meta-gradient (that rank's error names "
+                f"the task and inner step): lower inner_lr (now {self.inner_lr}) or the outer learning rate, or set "
+                f"nan_policy='skip' to leave such tasks out of the meta-update"))
         count = flat[-2].clamp(min=1.0)
         self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-2]).detach() / count  # ||theta.grad||
         optimizer = self.optimizers()
@@ -375,17 +381,19 @@ class MetaLearner(EpisodicLearner):
 
     def _finite_tasks(self, per_task: list[Tensor], curve: Tensor | None) -> Tensor:
         """``[T]`` bool: every per-task tensor (leading dim T) and the inner-loss curve ``[steps + 1, T]``
-        are finite for the task; raises under nan_policy='raise'."""
+        are finite for the task. Under nan_policy='raise' it keeps the error naming the first bad task and inner
+        step, which :meth:`meta_update` raises on every rank once the all-reduced counts show a bad task anywhere."""
         finite = torch.stack([t.reshape(t.shape[0], -1).isfinite().all(1) for t in per_task]).all(0)
         if curve is not None:
             finite = finite & curve.isfinite().all(0)
+        self._nan_message = None
         if self.nan_policy == "raise" and not bool(finite.all()):
             task = int((~finite).nonzero()[0])
             where = ""
             if curve is not None and not bool(curve[:, task].isfinite().all()):
                 step = int((~curve[:, task].isfinite()).nonzero()[0])
                 where = f" at inner step {step} (inner loss {curve[step, task].item()})"
-            raise FloatingPointError(
+            self._nan_message = (
                 f"task {task} of this meta-batch has a non-finite inner loss or meta-gradient{where}: lower "
                 f"inner_lr (now {self.inner_lr}) or the outer learning rate, or set nan_policy='skip' to leave "
                 f"such tasks out of the meta-update"

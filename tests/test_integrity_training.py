@@ -180,7 +180,7 @@ DDP_SCRIPT = textwrap.dedent('''
 
     if __name__ == "__main__":
         torch.manual_seed(0)
-        model = MAML(MLP(hidden=(8,)), inner_steps=1, inner_lr=0.01, first_order=True, nan_policy="skip",
+        model = MAML(MLP(hidden=(8,)), inner_steps=1, inner_lr=0.01, first_order=True, nan_policy=sys.argv[2],
                      max_skip_fraction=0.5, optimizer=lambda p: torch.optim.SGD(p, lr=0.1))
         initial = [p.detach().clone() for p in model.parameters()]
         trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=2, use_distributed_sampler=False,
@@ -196,7 +196,7 @@ def test_ddp_ranks_decide_on_the_skip_counts_of_all_ranks(tmp_path):
     script = tmp_path / "ddp_skip.py"
     script.write_text(DDP_SCRIPT)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, timeout=240,
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), "skip"], env=env, cwd=tmp_path, timeout=240,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stderr[-4000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
@@ -204,6 +204,19 @@ def test_ddp_ranks_decide_on_the_skip_counts_of_all_ranks(tmp_path):
     for a, b, start in zip(ranks[0]["final"], ranks[1]["final"], ranks[0]["initial"]):
         assert torch.equal(a, b) and a.isfinite().all()
     assert not all(torch.equal(a, s) for a, s in zip(ranks[0]["final"], ranks[0]["initial"]))
+
+
+def test_under_raise_a_bad_task_on_one_ddp_rank_stops_every_rank(tmp_path):
+    """Before: rank 0 raised alone at its bad task; rank 1, waiting in the all-reduce, died of gloo's "Connection
+    closed by peer" (NCCL waits for its timeout instead), an error that points away from the cause."""
+    script = tmp_path / "ddp_skip.py"
+    script.write_text(DDP_SCRIPT)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run([sys.executable, str(script), str(tmp_path), "raise"], env=env, cwd=tmp_path, timeout=240,
+                         capture_output=True, text=True)
+    assert run.returncode != 0 and not list(tmp_path.glob("rank*.pt"))
+    assert "task 0 of this meta-batch has a non-finite inner loss" in run.stderr  # rank 0 names its task
+    assert "a task on another DDP rank has a non-finite inner loss" in run.stderr  # rank 1 stops too
 
 
 # ---------------------------------------------------------------- B. MPC settings checked at construction
