@@ -1,10 +1,13 @@
-"""What every benchmark records beside its figures: machine, versions, date."""
+"""What every benchmark records beside its figures (machine, versions, date), and how it times a call."""
 
 from __future__ import annotations
 
 import datetime
 import os
 import platform
+import statistics
+import time
+from typing import Callable
 
 import torch
 
@@ -23,3 +26,14 @@ def machine_line(malloc_kept: bool | None = None) -> str:
     return (f"{datetime.date.today()} | {cpu} | {os.cpu_count()} cores | python {platform.python_version()} | "
             f"torch {torch.__version__} | lightning {lightning.__version__} | torch threads {torch.get_num_threads()}"
             + ("" if malloc_kept is None else f" | malloc keeps freed memory: {'yes' if malloc_kept else 'no'}"))
+
+
+def median_ms(fn: Callable[[], object], repeats: int) -> float:
+    """Median wall time of ``fn`` in ms over ``repeats`` calls, after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)

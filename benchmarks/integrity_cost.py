@@ -21,12 +21,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-from typing import Callable
 
 import torch
 
@@ -35,20 +32,9 @@ from lit_meta.datamodules.files import atomic_torch_save, torch_file_problem
 from lit_meta.nets import Conv4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+from common import machine_line, median_ms  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def median_ms(fn: Callable[[], object], repeats: int) -> float:
-    """Median wall time of ``fn`` in ms over ``repeats`` calls, after one warm-up call."""
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
 
 
 def omniglot_cache(data_dir: Path, cache_dir: Path) -> Path:
