@@ -10,6 +10,13 @@ iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
      with Hessian-vector products :func:`hessian_operator` (``jvp`` of ``grad`` under ``vmap``; for a
      network with an all-tasks forward such as Conv4, a double backward through a graph built once)
   3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
+The authors' released code (aravindr93/imaml_dev) runs another recipe, here one option away in each step:
+  1. ``inner_solve(objective="plain_then_pullback")``: K GD steps on L_i^tr alone, then one :func:`pull_back`
+     step phi_i <- phi_i - inner_lr lam (phi_i - theta);
+  2. ``implicit_meta_grad(regu_coef=1, lam_damping=10)``: CG on ((1 + regu_coef) I + H_i/(lam + lam_damping)) g_i
+     = grad L_i^test(phi_i), a damped system that is positive definite unless H_i has an eigenvalue below
+     -(1 + regu_coef)(lam + lam_damping);
+  3. the same mean over tasks.
 Second-order MAML's per-task meta-gradients: :func:`maml_meta_grads`.
 """
 
@@ -28,6 +35,8 @@ TaskParams = dict[str, Tensor]
 LossFn = Callable[[Tensor, Tensor], Tensor]
 InnerSolver = Literal["gd", "adam", "hessian_free"]
 INNER_SOLVERS = ("gd", "adam", "hessian_free")
+InnerObjective = Literal["proximal", "plain_then_pullback"]
+INNER_OBJECTIVES = ("proximal", "plain_then_pullback")
 
 
 def mse_loss(outputs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor:
@@ -149,6 +158,7 @@ def inner_solve(
     inner_lr: float,
     solver: InnerSolver = "gd",
     cg_steps: int = 5,
+    objective: InnerObjective = "proximal",
 ) -> tuple[TaskParams, Tensor]:
     """Approximately solve the proximal task problem for all tasks at once (iMAML Eq. 4):
 
@@ -160,13 +170,28 @@ def inner_solve(
     d by ``cg_steps`` of :func:`cg` (iMAML-HF), t from a per-task backtracking search (1, 1/2, ..., 1/16,
     else 0) on the proximal objective; ``inner_lr`` is unused. ``lam = 0`` is plain fine-tuning.
 
+    ``objective="plain_then_pullback"`` (only with ``solver="gd"``) is the authors' released code instead
+    (aravindr93/imaml_dev, ``examples/omniglot_implicit_maml.py``: ``learn_task`` without regularisation, then
+    one step of the same SGD optimizer on ``regularization_loss``): ``inner_steps`` steps
+    phi <- phi - inner_lr grad L_i(phi) on the support loss alone, then ONE :func:`pull_back` step on
+    lam/2 ||phi - theta||^2 with the same ``inner_lr``. Its phi is not the minimiser of Eq. 4.
+
     Shapes: theta without task dim; x ``[T, B, ...]``, y ``[T, B, ...]``. Returns phi ``[T, ...]``
-    (detached: nothing is differentiated through the solve) and the proximal objective before each
-    step and after the last, ``[inner_steps + 1, T]``.
+    (detached: nothing is differentiated through the solve) and the objective the steps descend before each
+    step and at the returned phi, ``[inner_steps + 1, T]``: the proximal objective, or with
+    ``"plain_then_pullback"`` the support loss L_i (its last entry after the pull-back).
     """
     if solver not in INNER_SOLVERS:
         raise ValueError(f"inner_solver={solver!r} is not one of {INNER_SOLVERS}")
+    if objective not in INNER_OBJECTIVES:
+        raise ValueError(f"inner_objective={objective!r} is not one of {INNER_OBJECTIVES}")
+    if objective == "plain_then_pullback" and solver != "gd":
+        raise ValueError(f"inner_objective='plain_then_pullback' takes plain gradient steps (the released code's "
+                         f"only inner algorithm): it needs inner_solver='gd', not {solver!r}")
     theta = {k: v.detach() for k, v in theta.items()}
+    # "proximal": every step descends L_i + lam/2 ||phi - theta||^2 (Eq. 4); "plain_then_pullback": the steps
+    # descend L_i alone and lam acts only in the one pull-back step after them
+    step_lam = lam if objective == "proximal" else 0.0
     phi = expand_to_tasks(theta, x.shape[0])
     curve = []
     if solver == "adam":  # moment estimates, only for Adam
@@ -175,9 +200,9 @@ def inner_solve(
     for step in range(inner_steps):
         g, loss = task_grads(net, loss_fn, phi, x, y)
         diff = _sub(phi, theta)
-        curve.append(_proximal(loss.detach(), diff, lam))
-        g = {k: g[k] + lam * diff[k] for k in phi}
-        if solver == "gd":
+        curve.append(_proximal(loss.detach(), diff, step_lam))
+        g = {k: g[k] + step_lam * diff[k] for k in phi}
+        if solver == "gd":  # phi <- phi - inner_lr (grad L_i(phi) + lam (phi - theta))   (Eq. 4 by GD; plain: lam 0)
             phi = {k: phi[k] - inner_lr * g[k] for k in phi}
         elif solver == "adam":
             b1, b2, eps, t = 0.9, 0.999, 1e-8, step + 1
@@ -189,8 +214,16 @@ def inner_solve(
             newton = lambda v: _axpy(float(lam), v, hessian(v))  # (H_i + lam I) v
             d = cg(newton, g, cg_steps, tol=0.0).x
             phi = _backtrack(net, loss_fn, theta, phi, d, x, y, lam, curve[-1])
-    curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, lam))
+    if objective == "plain_then_pullback":
+        phi = pull_back(phi, theta, lam=lam, lr=inner_lr)
+    curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, step_lam))
     return phi, torch.stack(curve)
+
+
+def pull_back(phi: TaskParams, theta: Params, *, lam: float, lr: float) -> TaskParams:
+    """One SGD step of step size ``lr`` on lam/2 ||phi_i - theta||^2 for every task (the released code's
+    pull-back after its plain inner steps): phi_i keeps the fraction 1 - lr lam of its move away from theta."""
+    return {k: phi[k] - lr * lam * (phi[k] - theta[k]) for k in phi}  # phi_i <- phi_i - lr lam (phi_i - theta)
 
 
 def _proximal_objective(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, x: Tensor, y: Tensor,
@@ -253,11 +286,14 @@ def hvp(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tenso
 
 @dataclass
 class CGResult:
-    """Solution ``x [T, ...]``, final residual norm ``||b - A x||`` per task ``[T]``, iterations run."""
+    """Solution ``x [T, ...]``, final residual norm ``||b - A x||`` per task ``[T]``, iterations run, and per
+    task ``[T]`` (bool) whether its CG met a direction of non-positive curvature (p^T A p <= 0: A is not
+    positive definite, so x is not A^-1 b; the task's CG stopped there)."""
 
     x: TaskParams
     residual: Tensor
     iterations: int
+    negative_curvature: Tensor
 
 
 def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, tol: float = 1e-10) -> CGResult:
@@ -265,7 +301,8 @@ def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, to
 
     Starts from x = 0; stops after ``steps`` iterations or when every task's residual norm is
     ``<= tol * ||b||``. A task whose direction has non-positive curvature (p^T A p <= 0) stops there
-    (truncated CG), keeping its last iterate.
+    (truncated CG), keeping its last iterate, and is flagged in ``negative_curvature``: on an indefinite
+    system CG does not pass silently.
     """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = dict(b)
@@ -273,10 +310,12 @@ def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, to
     rs = _dot(r, r)
     stop = rs.sqrt() * tol
     active = rs > stop ** 2
+    negative = torch.zeros_like(active)
     it = 0
     for it in range(1, steps + 1):
         ap = matvec(p)
         pap = _dot(p, ap)
+        negative = negative | (active & (pap <= 0))  # only while the task still iterates (NaN is not counted)
         active = active & (pap > 0)
         alpha = torch.where(active, rs / torch.where(active, pap, 1.0), 0.0)
         x = _axpy(alpha, p, x)
@@ -288,7 +327,7 @@ def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, to
         active = active & (rs_new > stop ** 2)
         if tol > 0 and not bool(active.any()):
             break
-    return CGResult(x, rs.sqrt(), it)
+    return CGResult(x, rs.sqrt(), it, negative)
 
 
 def implicit_meta_grad(
@@ -301,15 +340,29 @@ def implicit_meta_grad(
     lam: float,
     cg_steps: int,
     cg_tol: float = 1e-10,
+    regu_coef: float = 0.0,
+    lam_damping: float = 0.0,
 ) -> CGResult:
     """The implicit meta-gradient of every task (iMAML Eq. 6-7):
 
         g_i = (I + H_i / lam)^{-1} grad L_i^test(phi_i),   H_i = Hessian of L_i^train at phi_i,
 
     by :func:`cg` with :func:`hessian_operator` on the support set; never differentiates through the inner solve.
+
+    ``regu_coef``, ``lam_damping`` (both >= 0, default 0: the paper's system above) damp the system as the
+    authors' released code does (aravindr93/imaml_dev, ``implicit_maml/learner_model.py``,
+    ``Learner.matrix_evaluator``: ``regu_coef`` is its ``--cg_damping``, 1.0, ``lam_damping`` its default 10.0):
+
+        ((1 + regu_coef) I + H_i / (lam + lam_damping)) g_i = grad L_i^test(phi_i).
+
+    With 1 and 10 and lam 2 the solution is close to grad L_i^test / 2 (H_i / 12 is small beside 2 I).
+    The matrix-vector product is the value handed to :func:`cg`; its ``negative_curvature`` flags the tasks
+    whose system was not positive definite along a CG direction.
     """
     hessian = hessian_operator(net, loss_fn, phi, *support)
-    return cg(lambda v: _axpy(1.0 / lam, hessian(v), v), query_grad, cg_steps, cg_tol)  # (I + H_i/lam) v
+    scale, inv = 1.0 + regu_coef, 1.0 / (lam + lam_damping)
+    # A v = (1 + regu_coef) v + H_i v / (lam + lam_damping)      (paper, Eq. 7: regu_coef = lam_damping = 0)
+    return cg(lambda v: _axpy(inv, hessian(v), {k: scale * v[k] for k in v}), query_grad, cg_steps, cg_tol)
 
 
 # --------------------------------------------------------------------------- MAML

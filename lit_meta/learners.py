@@ -23,16 +23,20 @@ from typing import Any, Literal
 import lightning as L
 import torch
 from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import (INNER_SOLVERS, Params, TaskParams, broadcast_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
-                         params_of, per_task_loss, task_grads_and_outputs, task_logits)
+from .functional import (INNER_OBJECTIVES, INNER_SOLVERS, InnerObjective, Params, TaskParams, broadcast_to_tasks,
+                         implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of, per_task_loss,
+                         task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
 
 EVAL_STAGES = ("val", "test")
 NanPolicy = Literal["raise", "skip"]
+EvalAdaptation = Literal["as_training", "plain"]
+EVAL_ADAPTATIONS = ("as_training", "plain")
 
 
 class EpisodicLearner(L.LightningModule):
@@ -295,7 +299,8 @@ class MetaLearner(EpisodicLearner):
             # before any step phi = theta: the proximal term is 0, this is the support loss before adaptation
             self.log("train/pre_support_loss", curve[0].mean(), batch_size=batch.n_tasks)
             self.last_inner_curve = curve[:, finite].mean(-1)  # [steps + 1], for callbacks (finite tasks)
-        for key in ("cg_residual", "cg_iterations", "proximal_distance"):
+        # cg_negative_curvature: the fraction of this step's tasks whose CG met p^T A p <= 0 (IMAML)
+        for key in ("cg_residual", "cg_iterations", "cg_negative_curvature", "proximal_distance"):
             if key in info:
                 self.log(f"train/{key}", info[key].float().mean(), batch_size=batch.n_tasks)
         if self._logging_this_step():  # an extra forward pass: only on the steps the logger records
@@ -336,6 +341,7 @@ class MetaLearner(EpisodicLearner):
                 f"the task and inner step): lower inner_lr (now {self.inner_lr}) or the outer learning rate, or set "
                 f"nan_policy='skip' to leave such tasks out of the meta-update"))
         count = flat[-2].clamp(min=1.0)
+        # theta.grad = 1/|B| sum_{i in B} g_i, then the outer optimizer's step   (iMAML Alg. 2; the released code too)
         self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-2]).detach() / count  # ||theta.grad||
         optimizer = self.optimizers()
         optimizer.zero_grad()
@@ -408,6 +414,26 @@ class IMAML(MetaLearner):
     g_i solves (I + H_i/lam) g_i = grad L_i^test(phi_i) by ``cg_steps`` of conjugate gradient with
     Hessian-vector products; theta.grad = mean_i g_i. Memory does not grow with ``inner_steps``.
 
+    The authors' released code (aravindr93/imaml_dev: ``examples/omniglot_implicit_maml.py``,
+    ``implicit_maml/learner_model.py``, ``implicit_maml/utils.py``, ``examples/measure_accuracy.py``) runs another
+    recipe; ``inner_objective="plain_then_pullback", regu_coef=1.0, lam_damping=10.0, eval_adaptation="plain"``
+    (and outer ``Adam(lr=1e-3, eps=1e-3)``) is it (``configs/imaml_omniglot_5w1s_released.yaml``):
+
+    - per task, ``inner_steps`` SGD steps of ``inner_lr`` on the support loss alone (``Learner.learn_task``,
+      no regularisation), then ONE step of the same SGD optimizer (step ``inner_lr``) on lam/2 ||phi - theta||^2
+      (``regularization_loss``): the "pull-back", once, after all inner steps;
+    - right-hand side: the query-loss gradient at that pulled-back phi; matrix: the support-loss Hessian there;
+      CG (``utils.cg_solve``, from x = 0, ``cg_steps`` iterations, 5 in its README's command, stopping early
+      only when r^T r < 1e-10, absolute) on ``Learner.matrix_evaluator``: (1 + regu_coef) v + H v / (lam +
+      lam_damping) with ``regu_coef = --cg_damping = 1.0`` and ``lam_damping = 10.0`` (its default, never
+      passed); ``--cg_steps <= 1`` skips CG (the meta-gradient is the query gradient; here ``cg_steps=1`` is
+      one CG step);
+    - meta-gradient: the mean over the meta-batch (``meta_grad += task_outer_grad / task_mb_size``), one
+      ``outer_opt`` step: ``torch.optim.Adam(lr=outer_lr, eps=1e-3)`` (README: ``--outer_lr 1e-3``, meta-batch 32,
+      lam 2, 16 steps of ``--inner_lr 1e-1``);
+    - test (``measure_accuracy.py --lam 0.0 --n_steps 16 --inner_lr 1e-1``): 16 plain SGD steps, no proximal
+      term and no pull-back.
+
     Args:
         net: see :class:`EpisodicLearner`. Default ``Conv4(out_features=5)``.
         lam: proximal regularisation strength lambda (paper: 2.0 on Omniglot). Default 2.0.
@@ -418,13 +444,31 @@ class IMAML(MetaLearner):
         cg_tol: CG stops early when every task's residual is <= cg_tol * ||grad L^test||. Default 1e-10.
         optimizer, lr_scheduler, nan_policy, task_chunk_size, max_skip_fraction, skip_window: see
             :class:`MetaLearner` (outer Adam 1e-3 as the paper).
+        inner_objective: what the inner steps descend. ``"proximal"`` (default, the paper's Eq. 4):
+            L_i(phi) + lam/2 ||phi - theta||^2 in every step. ``"plain_then_pullback"`` (the released code; needs
+            ``inner_solver="gd"`` and ``inner_lr * lam < 1``): L_i(phi) alone, then one step
+            phi <- phi - inner_lr lam (phi - theta), which keeps the fraction 1 - inner_lr lam of the adaptation.
+        regu_coef: added to the identity of the CG system, dimensionless, >= 0. Default 0.0 (the paper).
+        lam_damping: added to lam where the system divides the Hessian by it, in the units of lam, >= 0.
+            Default 0.0 (the paper). The system is ((1 + regu_coef) I + H_i/(lam + lam_damping)) g_i =
+            grad L_i^test(phi_i); the defaults give the paper's (I + H_i/lam) g_i = grad L_i^test(phi_i), the
+            released code's 1.0 and 10.0 a damped one (close to grad/2 at lam 2). Whatever the system, a task
+            whose CG meets non-positive curvature (the paper's system is indefinite where H_i has an eigenvalue
+            below -lam, as our ``cg_fidelity`` benchmark found at lam <= 2) is counted: ``train/cg_negative_curvature``
+            logs the fraction of each meta-batch's tasks, and the first occurrence warns.
+        eval_adaptation: how :meth:`adapt` adapts outside meta-training (validation, test, the monitor
+            callback's episode grid; :class:`~lit_meta.rl.learners.ImplicitGrBAL`: also the MPC controller).
+            ``"as_training"`` (default): the meta-training inner solve (``inner_objective``, ``inner_solver``,
+            lam). ``"plain"``: ``inner_steps`` plain GD steps of ``inner_lr`` on the support loss, no proximal
+            term and no pull-back (the released ``measure_accuracy.py --lam 0``).
     """
 
     def __init__(self, net: nn.Module | None = None, lam: float = 2.0, inner_steps: int = 16, inner_lr: float = 0.1,
                  inner_solver: Literal["gd", "adam", "hessian_free"] = "gd", cg_steps: int = 5, cg_tol: float = 1e-10,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
                  nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
-                 skip_window: int = 50) -> None:
+                 skip_window: int = 50, inner_objective: InnerObjective = "proximal", regu_coef: float = 0.0,
+                 lam_damping: float = 0.0, eval_adaptation: EvalAdaptation = "as_training") -> None:
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
                          max_skip_fraction=max_skip_fraction, skip_window=skip_window)
         if not lam > 0:
@@ -433,25 +477,66 @@ class IMAML(MetaLearner):
             raise ValueError(f"cg_steps={cg_steps} must be >= 1")
         if inner_solver not in INNER_SOLVERS:  # here too, so a bad config fails at construction
             raise ValueError(f"inner_solver={inner_solver!r} is not one of {INNER_SOLVERS}")
+        if inner_objective not in INNER_OBJECTIVES:
+            raise ValueError(f"inner_objective={inner_objective!r} is not one of {INNER_OBJECTIVES}")
+        if inner_objective == "plain_then_pullback":
+            if inner_solver != "gd":
+                raise ValueError(f"inner_objective='plain_then_pullback' takes plain gradient steps (the released "
+                                 f"code's only inner algorithm): it needs inner_solver='gd', not {inner_solver!r}")
+            if not inner_lr * lam < 1:
+                raise ValueError(f"inner_objective='plain_then_pullback' with inner_lr * lam = {inner_lr * lam:g} "
+                                 f"(inner_lr={inner_lr}, lam={lam}): the pull-back phi <- phi - inner_lr lam "
+                                 f"(phi - theta) keeps the fraction 1 - inner_lr lam of the adaptation, so it needs "
+                                 f"inner_lr * lam < 1 (the released recipe: 0.1 * 2 = 0.2)")
+        for name, value in (("regu_coef", regu_coef), ("lam_damping", lam_damping)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
+                raise ValueError(f"{name}={value!r} must be a finite number >= 0: the CG system is ((1 + regu_coef) I "
+                                 f"+ H/(lam + lam_damping)) g = grad L^test; 0 and 0 give the paper's (I + H/lam), "
+                                 f"the released code's 1.0 and 10.0 a damped one")
+        if eval_adaptation not in EVAL_ADAPTATIONS:
+            raise ValueError(f"eval_adaptation={eval_adaptation!r} is not one of {EVAL_ADAPTATIONS}")
         self.lam, self.inner_solver, self.cg_steps, self.cg_tol = lam, inner_solver, cg_steps, cg_tol
+        self.inner_objective, self.eval_adaptation = inner_objective, eval_adaptation
+        self.regu_coef, self.lam_damping = float(regu_coef), float(lam_damping)
+        self._warned_negative_curvature = False
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        if self.eval_adaptation == "plain":  # the released measure_accuracy.py --lam 0: plain GD, no pull-back
+            return super().adapt(support_x, support_y)
         return self._inner(support_x, support_y)[0]
 
     def _inner(self, support_x: Tensor, support_y: Tensor) -> tuple[TaskParams, Tensor]:
         return inner_solve(self.net, loss_for(support_y), params_of(self.net), support_x, support_y, lam=self.lam,
                            inner_steps=self.inner_steps, inner_lr=self.inner_lr, solver=self.inner_solver,
-                           cg_steps=self.cg_steps)
+                           cg_steps=self.cg_steps, objective=self.inner_objective)
 
     def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
         loss_fn = loss_for(episode.query_y)
-        phi, curve = self._inner(episode.support_x, episode.support_y)                       # Eq. 4
+        phi, curve = self._inner(episode.support_x, episode.support_y)  # Eq. 4 (released: plain steps + pull-back)
         query_grad, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
         solved = implicit_meta_grad(self.net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
-                                    lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol)  # Eq. 6-7
+                                    lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol,
+                                    regu_coef=self.regu_coef, lam_damping=self.lam_damping)  # Eq. 6-7
+        self._warn_negative_curvature(solved.negative_curvature)
         return solved.x, outputs, {"inner_curve": curve, "cg_residual": solved.residual,
                                    "cg_iterations": torch.full_like(solved.residual, solved.iterations),
+                                   "cg_negative_curvature": solved.negative_curvature,
                                    "proximal_distance": _distance(phi, params_of(self.net))}
+
+    def _warn_negative_curvature(self, negative: Tensor) -> None:
+        """Warn once per run, the first time a task's CG system is not positive definite (also logged per step)."""
+        if self._warned_negative_curvature or not bool(negative.any()):
+            return
+        self._warned_negative_curvature = True
+        system = ("(I + H/lam)" if self.regu_coef == 0 and self.lam_damping == 0 else
+                  f"({1 + self.regu_coef:g} I + H/{self.lam + self.lam_damping:g})")
+        margin = (1 + self.regu_coef) * (self.lam + self.lam_damping)
+        rank_zero_warn(
+            f"{int(negative.sum())} of {negative.numel()} tasks met non-positive curvature in the CG solve of the "
+            f"implicit meta-gradient: the system {system} is not positive definite at their inner solution (H has "
+            f"an eigenvalue below -{margin:g}), so their meta-gradient is the CG iterate where it stopped, not the "
+            f"implicit gradient. train/cg_negative_curvature logs the fraction of tasks per step (this warning comes "
+            f"once). A larger lam, or lam_damping / regu_coef (the released recipe's damped system), widen the margin")
 
 
 class MAML(MetaLearner):

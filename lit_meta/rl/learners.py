@@ -31,8 +31,8 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 
 from lit_meta.episode import Episode, Transitions, Window
-from lit_meta.functional import TaskParams, per_task_loss, mse_loss
-from lit_meta.learners import IMAML, MAML, EpisodicLearner, NanPolicy
+from lit_meta.functional import InnerObjective, TaskParams, per_task_loss, mse_loss
+from lit_meta.learners import IMAML, MAML, EpisodicLearner, EvalAdaptation, NanPolicy
 from lit_meta.nets import MLP
 from lit_meta.rl.control import check_mpc
 from lit_meta.rl.dynamics import Normalizer
@@ -171,9 +171,11 @@ class ImplicitGrBAL(DynamicsLearner, IMAML):
     then (I + H/lam) g = grad L_future(phi) by CG. Memory does not grow with ``inner_steps``.
 
     Args: as :class:`~lit_meta.learners.IMAML` (defaults here: lam 1.0, 5 inner steps of lr 0.01,
-    5 CG steps; ``nan_policy``, ``max_skip_fraction``, ``skip_window``: see :class:`~lit_meta.learners.MetaLearner`)
-    plus ``obs_dim``, ``action_dim``, ``exclude_obs_dims``, ``aggregate_every_n_epochs``, ``mpc``
-    (:class:`DynamicsLearner`). Default net: the paper's 3 x 512 ReLU MLP.
+    5 CG steps; ``nan_policy``, ``max_skip_fraction``, ``skip_window``: see :class:`~lit_meta.learners.MetaLearner`;
+    ``inner_objective``, ``regu_coef``, ``lam_damping``, ``eval_adaptation``: the released iMAML recipe's switches,
+    defaults the paper's algorithm, see :class:`~lit_meta.learners.IMAML`; ``eval_adaptation`` also sets how the
+    MPC controller adapts) plus ``obs_dim``, ``action_dim``, ``exclude_obs_dims``, ``aggregate_every_n_epochs``,
+    ``mpc`` (:class:`DynamicsLearner`). Default net: the paper's 3 x 512 ReLU MLP.
     """
 
     def __init__(self, net: nn.Module | None = None, obs_dim: int = 18, action_dim: int = 6,
@@ -182,10 +184,13 @@ class ImplicitGrBAL(DynamicsLearner, IMAML):
                  cg_steps: int = 5, cg_tol: float = 1e-10, aggregate_every_n_epochs: int = 1,
                  mpc: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise",
-                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50) -> None:
+                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50,
+                 inner_objective: InnerObjective = "proximal", regu_coef: float = 0.0, lam_damping: float = 0.0,
+                 eval_adaptation: EvalAdaptation = "as_training") -> None:
         super().__init__(self._default_net(net, obs_dim, action_dim, exclude_obs_dims), lam, inner_steps, inner_lr,
                          inner_solver, cg_steps, cg_tol, optimizer, lr_scheduler, nan_policy, task_chunk_size,
-                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window, inner_objective=inner_objective,
+                         regu_coef=regu_coef, lam_damping=lam_damping, eval_adaptation=eval_adaptation)
         self._init_dynamics(obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc)
 
 
