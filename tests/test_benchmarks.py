@@ -20,6 +20,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "callback_overhead": ["--quick"],
         "cg_fidelity": ["--quick", *plot],
         "env_steps": ["--quick", "--seconds", "0.05", *plot],
+        "gpu_check": ["--device", "cpu", "--quick"],
         "integrity_cost": ["--quick"],
         "memory_vs_inner_steps": ["--steps", "2,3", "--maml-max-steps", "2", "--chunks", "2,8", "--chunk-steps", "2",
                                   *plot],
