@@ -58,12 +58,15 @@ def test_imaml_learns_omniglot_5way_1shot(omniglot_dir, tmp_path):
     L.seed_everything(0)
     data = OmniglotDataModule(data_dir=str(omniglot_dir), cache_dir=str(tmp_path), n_way=5, k_shot=1, k_query=5,
                               meta_batch_size=8, steps_per_epoch=60, eval_episodes=40, eval_meta_batch_size=20)
+    # the recipe the Omniglot configs run (the authors' released one): it learns clearly in 60 steps (val 0.58 / 0.59
+    # for seeds 0 / 1 on 2026-12-06, where the paper's system gave 0.40 / 0.37 against a bound of 0.35: flaky)
     model = IMAML(Conv4(out_features=5, hidden=16), lam=2.0, inner_steps=5, inner_lr=0.1, cg_steps=3,
-                  optimizer=lambda p: torch.optim.Adam(p, lr=3e-3))
+                  optimizer=lambda p: torch.optim.Adam(p, lr=3e-3), inner_objective="plain_then_pullback",
+                  regu_coef=1.0, lam_damping=10.0, eval_adaptation="plain")
     trainer(max_epochs=1, limit_val_batches=0).fit(model, data)
     metrics = trainer().validate(model, data, verbose=False)[0]
-    # chance is 0.2; a short run on 1x5 minutes of CPU: loose bounds
-    assert metrics["val/query_acc"] > 0.35 and metrics["val/query_acc"] > metrics["val/pre_query_acc"] + 0.1, metrics
+    # chance is 0.2
+    assert metrics["val/query_acc"] > 0.45 and metrics["val/query_acc"] > metrics["val/pre_query_acc"] + 0.2, metrics
     assert metrics["val/query_acc_ci95"] > 0
 
 
