@@ -64,6 +64,10 @@ class LitMetaCLI(LightningCLI):
 
     def before_fit(self) -> None:
         self._check_resume("fit")
+        if self.trainer.precision == "64-true":
+            # Lightning restores a checkpoint's weights before its precision plugin converts the module: into float32
+            # parameters, rounding them; converting first makes a float64 resume exact
+            self.model.double()
 
     def before_validate(self) -> None:
         self._check_resume("validate")

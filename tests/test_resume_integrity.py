@@ -155,6 +155,16 @@ def test_another_world_size_is_reported(tmp_path, caplog):
     assert "on 1 processes (it was written by 2): the global meta-batch and its episodes are the same" in caplog.text
 
 
+def test_a_float64_run_resumes_exactly(tmp_path):
+    """Before: the resumed weights went through float32 (Lightning loads them before converting the module)."""
+    every = ("--trainer.precision", "64", "--trainer.callbacks.every_n_train_steps", "2",
+             "--trainer.callbacks.save_top_k", "-1")
+    straight = fit(tmp_path, 4, *every)
+    resumed = fit(tmp_path / "resumed", 4, *every, "--ckpt_path", str(tmp_path / "ckpts" / "epoch=0-step=2.ckpt"))
+    for (name, a), b in zip(straight.model.state_dict().items(), resumed.model.state_dict().values()):
+        assert a.dtype == torch.float64 and torch.equal(a, b), name
+
+
 def test_config_differences_are_leafwise():
     old = {"model": {"init_args": {"lr": 1, "net": {"hidden": [40]}}}, "seed": 0}
     new = {"model": {"init_args": {"lr": 2, "net": {"hidden": [40]}, "extra": True}}, "seed": 0}
