@@ -146,6 +146,17 @@ def _axpy(alpha: Tensor | float, x: TaskParams, y: TaskParams) -> TaskParams:
 
 # --------------------------------------------------------------------------- 1. inner solve (Eq. 4)
 
+def check_inner(solver: str, objective: str) -> None:
+    """``ValueError`` for an unknown inner solver or objective, or a combination :func:`inner_solve` cannot run."""
+    if solver not in INNER_SOLVERS:
+        raise ValueError(f"inner_solver={solver!r} is not one of {INNER_SOLVERS}")
+    if objective not in INNER_OBJECTIVES:
+        raise ValueError(f"inner_objective={objective!r} is not one of {INNER_OBJECTIVES}")
+    if objective == "plain_then_pullback" and solver != "gd":
+        raise ValueError(f"inner_objective='plain_then_pullback' takes plain gradient steps (the released code's "
+                         f"only inner algorithm): it needs inner_solver='gd', not {solver!r}")
+
+
 def inner_solve(
     net: nn.Module,
     loss_fn: LossFn,
@@ -181,13 +192,7 @@ def inner_solve(
     step and at the returned phi, ``[inner_steps + 1, T]``: the proximal objective, or with
     ``"plain_then_pullback"`` the support loss L_i (its last entry after the pull-back).
     """
-    if solver not in INNER_SOLVERS:
-        raise ValueError(f"inner_solver={solver!r} is not one of {INNER_SOLVERS}")
-    if objective not in INNER_OBJECTIVES:
-        raise ValueError(f"inner_objective={objective!r} is not one of {INNER_OBJECTIVES}")
-    if objective == "plain_then_pullback" and solver != "gd":
-        raise ValueError(f"inner_objective='plain_then_pullback' takes plain gradient steps (the released code's "
-                         f"only inner algorithm): it needs inner_solver='gd', not {solver!r}")
+    check_inner(solver, objective)
     theta = {k: v.detach() for k, v in theta.items()}
     # "proximal": every step descends L_i + lam/2 ||phi - theta||^2 (Eq. 4); "plain_then_pullback": the steps
     # descend L_i alone and lam acts only in the one pull-back step after them
@@ -360,9 +365,14 @@ def implicit_meta_grad(
     whose system was not positive definite along a CG direction.
     """
     hessian = hessian_operator(net, loss_fn, phi, *support)
-    scale, inv = 1.0 + regu_coef, 1.0 / (lam + lam_damping)
-    # A v = (1 + regu_coef) v + H_i v / (lam + lam_damping)      (paper, Eq. 7: regu_coef = lam_damping = 0)
-    return cg(lambda v: _axpy(inv, hessian(v), {k: scale * v[k] for k in v}), query_grad, cg_steps, cg_tol)
+    # A = (1 + regu_coef) (I + H_i / c), c = (1 + regu_coef)(lam + lam_damping)   (paper, Eq. 7: regu_coef = lam_damping = 0)
+    # so g_i = (I + H_i / c)^{-1} b / (1 + regu_coef): the damping costs one scaling of b, not one per CG step
+    scale, c = 1.0 + regu_coef, (1.0 + regu_coef) * (lam + lam_damping)
+    b = query_grad if scale == 1.0 else {k: v / scale for k, v in query_grad.items()}
+    result = cg(lambda v: _axpy(1.0 / c, hessian(v), v), b, cg_steps, cg_tol)  # (I + H_i/c) v
+    if scale != 1.0:
+        result.residual = result.residual * scale  # ||grad L_i^test - A g_i||
+    return result
 
 
 # --------------------------------------------------------------------------- MAML

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
 from .episode import Episode, to_float
-from .functional import (INNER_OBJECTIVES, INNER_SOLVERS, InnerObjective, Params, TaskParams, broadcast_to_tasks,
+from .functional import (InnerObjective, Params, TaskParams, check_inner, broadcast_to_tasks,
                          implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of, per_task_loss,
                          task_grads_and_outputs, task_logits)
 from .nets import Conv4, check_functional
@@ -250,7 +250,7 @@ class MetaLearner(EpisodicLearner):
         self.max_skip_fraction, self.skip_window = float(max_skip_fraction), int(skip_window)
         # (skipped, total) tasks of the last skip_window steps, summed over the DDP ranks (nan_policy='skip')
         self._skip_counts: deque[tuple[float, float]] = deque(maxlen=self.skip_window)
-        self._nan_message: str | None = None  # nan_policy='raise': this rank's first bad task, raised in meta_update
+        self._last_finite: tuple[Tensor, Tensor | None] | None = None  # this step's finite mask and inner curve
         # read by callbacks (lit_meta.callbacks): the last training step's mean inner-loss curve and ||theta.grad||
         self.last_inner_curve: Tensor | None = None
         self.last_meta_grad_norm: Tensor | None = None
@@ -336,7 +336,7 @@ class MetaLearner(EpisodicLearner):
         if self.nan_policy == "skip":
             self._check_skipped(flat[-2:])
         elif bool(flat[-2] < flat[-1]):  # every rank raises (a rank raising alone leaves the others waiting)
-            raise FloatingPointError(self._nan_message or (
+            raise FloatingPointError(self._nan_error() or (
                 f"a task on another DDP rank has a non-finite inner loss or meta-gradient (that rank's error names "
                 f"the task and inner step): lower inner_lr (now {self.inner_lr}) or the outer learning rate, or set "
                 f"nan_policy='skip' to leave such tasks out of the meta-update"))
@@ -352,6 +352,20 @@ class MetaLearner(EpisodicLearner):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+
+    def _nan_error(self) -> str | None:
+        """The error naming this rank's first non-finite task and inner step (None: this rank's are finite)."""
+        finite, curve = self._last_finite
+        if bool(finite.all()):
+            return None
+        task = int((~finite).nonzero()[0])
+        where = ""
+        if curve is not None and not bool(curve[:, task].isfinite().all()):
+            step = int((~curve[:, task].isfinite()).nonzero()[0])
+            where = f" at inner step {step} (inner loss {curve[step, task].item()})"
+        return (f"task {task} of this meta-batch has a non-finite inner loss or meta-gradient{where}: lower inner_lr "
+                f"(now {self.inner_lr}) or the outer learning rate, or set nan_policy='skip' to leave such tasks out "
+                f"of the meta-update")
 
     def _check_skipped(self, counts: Tensor) -> None:
         """The bound of ``nan_policy="skip"``: raise ``FloatingPointError`` if every task of this step, or more
@@ -387,23 +401,12 @@ class MetaLearner(EpisodicLearner):
 
     def _finite_tasks(self, per_task: list[Tensor], curve: Tensor | None) -> Tensor:
         """``[T]`` bool: every per-task tensor (leading dim T) and the inner-loss curve ``[steps + 1, T]``
-        are finite for the task. Under nan_policy='raise' it keeps the error naming the first bad task and inner
-        step, which :meth:`meta_update` raises on every rank once the all-reduced counts show a bad task anywhere."""
+        are finite for the task. Under nan_policy='raise', :meth:`meta_update` raises on every rank once the
+        all-reduced counts show a bad task anywhere, naming this rank's first (:meth:`_nan_error`)."""
         finite = torch.stack([t.reshape(t.shape[0], -1).isfinite().all(1) for t in per_task]).all(0)
         if curve is not None:
             finite = finite & curve.isfinite().all(0)
-        self._nan_message = None
-        if self.nan_policy == "raise" and not bool(finite.all()):
-            task = int((~finite).nonzero()[0])
-            where = ""
-            if curve is not None and not bool(curve[:, task].isfinite().all()):
-                step = int((~curve[:, task].isfinite()).nonzero()[0])
-                where = f" at inner step {step} (inner loss {curve[step, task].item()})"
-            self._nan_message = (
-                f"task {task} of this meta-batch has a non-finite inner loss or meta-gradient{where}: lower "
-                f"inner_lr (now {self.inner_lr}) or the outer learning rate, or set nan_policy='skip' to leave "
-                f"such tasks out of the meta-update"
-            )
+        self._last_finite = (finite, curve)  # read by _nan_error only when a step has a bad task: no sync here
         return finite
 
 
@@ -475,19 +478,12 @@ class IMAML(MetaLearner):
             raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
         if cg_steps < 1:
             raise ValueError(f"cg_steps={cg_steps} must be >= 1")
-        if inner_solver not in INNER_SOLVERS:  # here too, so a bad config fails at construction
-            raise ValueError(f"inner_solver={inner_solver!r} is not one of {INNER_SOLVERS}")
-        if inner_objective not in INNER_OBJECTIVES:
-            raise ValueError(f"inner_objective={inner_objective!r} is not one of {INNER_OBJECTIVES}")
-        if inner_objective == "plain_then_pullback":
-            if inner_solver != "gd":
-                raise ValueError(f"inner_objective='plain_then_pullback' takes plain gradient steps (the released "
-                                 f"code's only inner algorithm): it needs inner_solver='gd', not {inner_solver!r}")
-            if not inner_lr * lam < 1:
-                raise ValueError(f"inner_objective='plain_then_pullback' with inner_lr * lam = {inner_lr * lam:g} "
-                                 f"(inner_lr={inner_lr}, lam={lam}): the pull-back phi <- phi - inner_lr lam "
-                                 f"(phi - theta) keeps the fraction 1 - inner_lr lam of the adaptation, so it needs "
-                                 f"inner_lr * lam < 1 (the released recipe: 0.1 * 2 = 0.2)")
+        check_inner(inner_solver, inner_objective)  # here too, so a bad config fails at construction
+        if inner_objective == "plain_then_pullback" and not inner_lr * lam < 1:
+            raise ValueError(f"inner_objective='plain_then_pullback' with inner_lr * lam = {inner_lr * lam:g} "
+                             f"(inner_lr={inner_lr}, lam={lam}): the pull-back phi <- phi - inner_lr lam "
+                             f"(phi - theta) keeps the fraction 1 - inner_lr lam of the adaptation, so it needs "
+                             f"inner_lr * lam < 1 (the released recipe: 0.1 * 2 = 0.2)")
         for name, value in (("regu_coef", regu_coef), ("lam_damping", lam_damping)):
             if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value < math.inf:
                 raise ValueError(f"{name}={value!r} must be a finite number >= 0: the CG system is ((1 + regu_coef) I "
