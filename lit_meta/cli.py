@@ -21,18 +21,12 @@ from lightning.pytorch.cli import LightningCLI
 
 from lit_meta.allocator import keep_freed_memory
 from lit_meta.checkpointing import (AtomicCheckpointIO, ConfigOptimizer, PreemptionCheckpoint, RNGStateCheckpoint,
-                                    RunIdentity, check_checkpoint, check_resume, last_checkpoint_path)
+                                    RunIdentity, check_resume, last_checkpoint_path)
 
 
 class LitMetaCLI(LightningCLI):
     """LightningCLI whose trainer writes checkpoints atomically (unless the config chose a checkpoint plugin) and
     that checks ``--ckpt_path`` before anything starts."""
-
-    def parse_arguments(self, parser, args) -> None:
-        super().parse_arguments(parser, args)
-        subcommand = self.config.get("subcommand")
-        if subcommand is not None:  # before Lightning reads the checkpoint's hyperparameters
-            check_checkpoint(self.config[subcommand].get("ckpt_path"))
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's LightningCLI replaces the config's model arguments by the checkpoint's hyperparameters when
