@@ -35,7 +35,8 @@ from common import machine_line  # noqa: E402
 
 from lit_meta.allocator import keep_freed_memory  # noqa: E402
 from lit_meta import MLP, Conv4  # noqa: E402
-from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, params_of, task_grads_and_outputs  # noqa: E402
+from lit_meta.backends import task_backend  # noqa: E402
+from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, params_of  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -77,10 +78,10 @@ def fidelity(net, support, query, lams, steps, inner_steps: int, inner_lr: float
     n_params = sum(p.numel() for p in net.parameters())
     out = {}
     for lam in lams:
-        phi, _ = inner_solve(net, loss_for(sy), params_of(net), sx, sy, lam=lam, inner_steps=inner_steps,
+        phi, _ = inner_solve(task_backend(net), loss_for(sy), params_of(net), sx, sy, lam=lam, inner_steps=inner_steps,
                              inner_lr=inner_lr)
         phi = {k: v.detach() for k, v in phi.items()}
-        qgrad, _, _ = task_grads_and_outputs(net, loss_for(qy), phi, qx, qy)
+        qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(qy), phi, qx, qy)
         exact, eig = [], []
         for i in range(sx.shape[0]):
             a = torch.eye(n_params) + dense_hessian(net, {k: p[i] for k, p in phi.items()}, sx[i], sy[i]) / lam
@@ -88,7 +89,7 @@ def fidelity(net, support, query, lams, steps, inner_steps: int, inner_lr: float
             exact.append(torch.linalg.solve(a, flat(qgrad, i)))
         out[(lam, "eig")] = min(eig)
         for k in steps:
-            got = implicit_meta_grad(net, loss_for(sy), phi, (sx, sy), qgrad, lam=lam, cg_steps=k, cg_tol=0.0).x
+            got = implicit_meta_grad(task_backend(net), loss_for(sy), phi, (sx, sy), qgrad, lam=lam, cg_steps=k, cg_tol=0.0).x
             cos = [float(torch.nn.functional.cosine_similarity(flat(got, i), e, dim=0)) for i, e in enumerate(exact)]
             rel = [float((flat(got, i) - e).norm() / e.norm()) for i, e in enumerate(exact)]
             out[(lam, k)] = (statistics.mean(cos), min(cos), statistics.mean(rel), max(rel))
@@ -101,14 +102,14 @@ def time_per_cg_step(meta_batch: int, repeats: int) -> float:
     net = Conv4(out_features=5, hidden=64)
     ep = omniglot_tasks(meta_batch)
     lam = 2.0
-    phi, _ = inner_solve(net, loss_for(ep.support_y), params_of(net), ep.support_x, ep.support_y, lam=lam,
+    phi, _ = inner_solve(task_backend(net), loss_for(ep.support_y), params_of(net), ep.support_x, ep.support_y, lam=lam,
                          inner_steps=2, inner_lr=0.1)
     phi = {k: v.detach() for k, v in phi.items()}
-    qgrad, _, _ = task_grads_and_outputs(net, loss_for(ep.query_y), phi, ep.query_x, ep.query_y)
+    qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(ep.query_y), phi, ep.query_x, ep.query_y)
 
     def run(k: int) -> float:
         start = time.perf_counter()
-        implicit_meta_grad(net, loss_for(ep.support_y), phi, (ep.support_x, ep.support_y), qgrad, lam=lam,
+        implicit_meta_grad(task_backend(net), loss_for(ep.support_y), phi, (ep.support_x, ep.support_y), qgrad, lam=lam,
                            cg_steps=k, cg_tol=0.0)
         return time.perf_counter() - start
 

@@ -108,8 +108,9 @@ def folded_vs_vmap(device: torch.device, pool: str, norm: str, dtype: torch.dtyp
     """Relative errors of the folded path against the vmap path (as tests/test_functional.py's
     test_conv4_all_tasks_forward_equals_the_generic_vmap_path, on ``device`` and in ``dtype``)."""
     from lit_meta import Conv4
-    from lit_meta.functional import (expand_to_tasks, hvp, implicit_meta_grad, inner_solve, loss_for,
-                                     maml_meta_grads, params_of, task_grads_and_outputs, task_logits)
+    from lit_meta.backends import task_backend
+    from lit_meta.functional import (expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
+                                     params_of)
 
     g = torch.Generator().manual_seed(0)
     torch.manual_seed(0)
@@ -127,20 +128,20 @@ def folded_vs_vmap(device: torch.device, pool: str, norm: str, dtype: torch.dtyp
     v = {k: put(torch.randn(p.shape, generator=g)) for k, p in phi.items()}
     wrap = lambda d: {f"net.{k}": t for k, t in d.items()}  # noqa: E731
     unwrap = lambda d: {k[len("net."):]: t for k, t in d.items()}  # noqa: E731
-    out = {"logits": rel(task_logits(net, phi, qx), task_logits(generic, wrap(phi), qx))}
-    fast, slow = (task_grads_and_outputs(net, loss_for(qy), phi, qx, qy),
-                  task_grads_and_outputs(generic, loss_for(qy), wrap(phi), qx, qy))
+    out = {"logits": rel(task_backend(net).outputs(phi, qx), task_backend(generic).outputs(wrap(phi), qx))}
+    fast, slow = (task_backend(net).grads_and_outputs(loss_for(qy), phi, qx, qy),
+                  task_backend(generic).grads_and_outputs(loss_for(qy), wrap(phi), qx, qy))
     out["task grads"] = rel(fast[0], unwrap(slow[0]))
-    out["HVP"] = rel(hvp(net, loss_for(sy), phi, sx, sy, v), unwrap(hvp(generic, loss_for(sy), wrap(phi), sx, sy,
+    out["HVP"] = rel(task_backend(net).hvp(loss_for(sy), phi, sx, sy, v), unwrap(task_backend(generic).hvp(loss_for(sy), wrap(phi), sx, sy,
                                                                         wrap(v))))
 
     def imaml(model, th):
-        p, _ = inner_solve(model, loss_for(sy), th, sx, sy, lam=2.0, inner_steps=3, inner_lr=0.1)
-        qgrad, _, _ = task_grads_and_outputs(model, loss_for(qy), p, qx, qy)
-        return implicit_meta_grad(model, loss_for(sy), p, (sx, sy), qgrad, lam=2.0, cg_steps=3, cg_tol=0.0).x
+        p, _ = inner_solve(task_backend(model), loss_for(sy), th, sx, sy, lam=2.0, inner_steps=3, inner_lr=0.1)
+        qgrad, _, _ = task_backend(model).grads_and_outputs(loss_for(qy), p, qx, qy)
+        return implicit_meta_grad(task_backend(model), loss_for(sy), p, (sx, sy), qgrad, lam=2.0, cg_steps=3, cg_tol=0.0).x
 
     out["iMAML meta-grad"] = rel(imaml(net, theta), unwrap(imaml(generic, params_of(generic))))
-    maml = lambda model, th: maml_meta_grads(model, loss_for(sy), th, (sx, sy), (qx, qy), 2, 0.3)[0]  # noqa: E731
+    maml = lambda model, th: maml_meta_grads(task_backend(model), loss_for(sy), th, (sx, sy), (qx, qy), 2, 0.3)[0]  # noqa: E731
     out["MAML meta-grad"] = rel(maml(net, theta), unwrap(maml(generic, params_of(generic))))
     return out
 
@@ -150,7 +151,8 @@ def forward_over_reverse(device: torch.device) -> float:
     from torch.func import grad, jvp
 
     from lit_meta import Conv4
-    from lit_meta.functional import expand_to_tasks, hvp, params_of
+    from lit_meta.backends import task_backend
+    from lit_meta.functional import expand_to_tasks, params_of
 
     torch.manual_seed(0)
     net = Conv4(out_features=3, hidden=4, pool="max").to(device, torch.float64)
@@ -162,13 +164,14 @@ def forward_over_reverse(device: torch.device) -> float:
         return F.cross_entropy(net.forward_tasks(p, sx).flatten(0, 1), sy.flatten(), reduction="sum")
 
     forward_mode = jvp(grad(summed), (phi,), (v,))[1]
-    reverse = hvp(net, F.cross_entropy, phi, sx, sy, v)
+    reverse = task_backend(net).hvp(F.cross_entropy, phi, sx, sy, v)
     return rel(forward_mode, {k: 4 * t for k, t in reverse.items()})
 
 
 def function_checks(device: torch.device) -> dict[str, Callable[[], bool]]:
-    """gradcheck / gradgradcheck of each custom autograd Function of lit_meta.nets on ``device`` (float64)."""
-    from lit_meta.nets import _batch_norm, _ChannelStats, _GroupedConv, _GroupedConvBackward, _MaxPool2x2, _PooledStats
+    """gradcheck / gradgradcheck of each custom autograd Function of lit_meta.kernels on ``device`` (float64)."""
+    from lit_meta.kernels import _ChannelStats, _GroupedConv, _GroupedConvBackward, _MaxPool2x2, _PooledStats
+    from lit_meta.kernels import batch_norm as _batch_norm
 
     gc, ggc = torch.autograd.gradcheck, torch.autograd.gradgradcheck
     kw = dict(device=device, dtype=torch.float64)

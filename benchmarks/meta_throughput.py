@@ -64,8 +64,8 @@ from torch import Tensor, nn
 from lit_meta.allocator import keep_freed_memory
 from lit_meta.datamodules import OmniglotDataModule
 from lit_meta.episode import Episode, to_float
-from lit_meta.functional import (Params, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of,
-                                 task_grads_and_outputs)
+from lit_meta.backends import task_backend
+from lit_meta.functional import Params, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of
 from lit_meta.nets import Conv4
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -111,10 +111,10 @@ class Setting:
 def ours_imaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
     """iMAML-GD batched over tasks with lit_meta.functional (mirrors ``IMAML.task_meta_grads``)."""
     loss_fn = loss_for(ep.query_y)
-    phi, _ = inner_solve(net, loss_fn, params_of(net), ep.support_x, ep.support_y, lam=s.lam,
+    phi, _ = inner_solve(task_backend(net), loss_fn, params_of(net), ep.support_x, ep.support_y, lam=s.lam,
                          inner_steps=s.inner_steps, inner_lr=s.inner_lr, solver="gd")          # Eq. 4
-    query_grad, _, _ = task_grads_and_outputs(net, loss_fn, phi, ep.query_x, ep.query_y)
-    solved = implicit_meta_grad(net, loss_fn, phi, (ep.support_x, ep.support_y), query_grad,
+    query_grad, _, _ = task_backend(net).grads_and_outputs(loss_fn, phi, ep.query_x, ep.query_y)
+    solved = implicit_meta_grad(task_backend(net), loss_fn, phi, (ep.support_x, ep.support_y), query_grad,
                                 lam=s.lam, cg_steps=s.cg_steps, cg_tol=s.cg_tol)            # Eq. 6-7
     return {k: g.mean(0) for k, g in solved.x.items()}
 
@@ -126,7 +126,7 @@ def ours_maml(net: nn.Module, ep: Episode, s: Setting) -> Params:
     total: Params = {}
     for start in range(0, ep.n_tasks, chunk):
         part = Episode(*(t[start:start + chunk] for t in ep))
-        grads, _, _ = maml_meta_grads(net, loss_for(part.query_y), params_of(net), (part.support_x, part.support_y),
+        grads, _, _ = maml_meta_grads(task_backend(net), loss_for(part.query_y), params_of(net), (part.support_x, part.support_y),
                                       (part.query_x, part.query_y), s.inner_steps, s.inner_lr)
         total = {k: g.sum(0) + total.get(k, 0) for k, g in grads.items()}
     return {k: g / ep.n_tasks for k, g in total.items()}
@@ -135,9 +135,9 @@ def ours_maml(net: nn.Module, ep: Episode, s: Setting) -> Params:
 def ours_fomaml(net: nn.Module, ep: Episode, s: Setting) -> Params:
     """First-order MAML batched over tasks (mirrors ``MAML.task_meta_grads`` with ``first_order=True``)."""
     loss_fn = loss_for(ep.query_y)
-    phi, _ = inner_solve(net, loss_fn, params_of(net), ep.support_x, ep.support_y, lam=0.0,
+    phi, _ = inner_solve(task_backend(net), loss_fn, params_of(net), ep.support_x, ep.support_y, lam=0.0,
                          inner_steps=s.inner_steps, inner_lr=s.inner_lr)
-    grads, _, _ = task_grads_and_outputs(net, loss_fn, phi, ep.query_x, ep.query_y)
+    grads, _, _ = task_backend(net).grads_and_outputs(loss_fn, phi, ep.query_x, ep.query_y)
     return {k: g.mean(0) for k, g in grads.items()}
 
 
@@ -373,9 +373,9 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
         torch.manual_seed(0)
         net = Conv4(out_features=s.n_way, hidden=s.hidden, pool=variant).to(sx.device)
         loss_fn = loss_for(qy)
-        phi, _ = inner_solve(net, loss_fn, params_of(net), sx, sy, lam=s.lam, inner_steps=s.inner_steps,
+        phi, _ = inner_solve(task_backend(net), loss_fn, params_of(net), sx, sy, lam=s.lam, inner_steps=s.inner_steps,
                              inner_lr=s.inner_lr, solver="gd")
-        query_grad, _, _ = task_grads_and_outputs(net, loss_fn, phi, qx, qy)
+        query_grad, _, _ = task_backend(net).grads_and_outputs(loss_fn, phi, qx, qy)
         fast = copy.deepcopy(net)
         params = list(fast.parameters())
 
@@ -395,10 +395,10 @@ def phase_times(s: Setting, episode: Episode, repeats: int) -> None:
 
         cg_name = f"CG solve ({s.cg_steps} HVPs)"
         phases = {
-            "support gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, sx, sy), lambda: loop_grad(sx, sy)),
-            "query gradient": (lambda: task_grads_and_outputs(net, loss_fn, phi, qx, qy), lambda: loop_grad(qx, qy)),
+            "support gradient": (lambda: task_backend(net).grads_and_outputs(loss_fn, phi, sx, sy), lambda: loop_grad(sx, sy)),
+            "query gradient": (lambda: task_backend(net).grads_and_outputs(loss_fn, phi, qx, qy), lambda: loop_grad(qx, qy)),
             cg_name: (
-                lambda: implicit_meta_grad(net, loss_fn, phi, (sx, sy), query_grad, lam=s.lam, cg_steps=s.cg_steps,
+                lambda: implicit_meta_grad(task_backend(net), loss_fn, phi, (sx, sy), query_grad, lam=s.lam, cg_steps=s.cg_steps,
                                            cg_tol=s.cg_tol),
                 lambda: per_task(loop_cg)),
         }

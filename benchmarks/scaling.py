@@ -177,7 +177,8 @@ def profile_meta_step(meta_batch: int, repeats: int) -> tuple[dict[str, float], 
     import lit_meta
     from lit_meta.datamodules import OmniglotDataModule
     from lit_meta.episode import Episode, to_float
-    from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, params_of, task_grads_and_outputs
+    from lit_meta.backends import task_backend
+    from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, params_of
 
     data_root = Path(os.environ.get("LIT_META_DATA", REPO.parent / "shared" / "data"))
     data = OmniglotDataModule(data_dir=str(data_root / "omniglot"), n_way=5, k_shot=1, k_query=5,
@@ -197,13 +198,13 @@ def profile_meta_step(meta_batch: int, repeats: int) -> tuple[dict[str, float], 
         episode = to_float(Episode(*dataset[(0, step)]))
         clock("episode: sample + to_float")
         loss_fn = loss_for(episode.query_y)
-        phi, curve = inner_solve(net, loss_fn, params_of(net), episode.support_x, episode.support_y, lam=model.lam,
+        phi, curve = inner_solve(task_backend(net), loss_fn, params_of(net), episode.support_x, episode.support_y, lam=model.lam,
                                  inner_steps=model.inner_steps, inner_lr=model.inner_lr, solver=model.inner_solver,
                                  cg_steps=model.cg_steps)
         clock("inner solve (Eq. 4)")
-        query_grad, _, outputs = task_grads_and_outputs(net, loss_fn, phi, episode.query_x, episode.query_y)
+        query_grad, _, outputs = task_backend(net).grads_and_outputs(loss_fn, phi, episode.query_x, episode.query_y)
         clock("query gradients")
-        solved = implicit_meta_grad(net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
+        solved = implicit_meta_grad(task_backend(net), loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
                                     lam=model.lam, cg_steps=model.cg_steps, cg_tol=model.cg_tol)
         clock("CG solve (Eq. 6-7)")
         grads = solved.x

@@ -17,6 +17,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from torch import Tensor
 
+from lit_meta.learners import logging_this_step
+
 from ._common import log_scalars, wandb_run
 from .run import peak_memory_mb
 
@@ -56,14 +58,14 @@ class MetaLearningMonitor(Callback):
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        curve = getattr(pl_module, "last_inner_curve", None)
+        curve = outputs.get("inner_curve") if isinstance(outputs, dict) else None  # MetaLearner.training_step's
         if curve is not None and self.media_every_n_val:
             curve = curve.detach()
             if self._curve_sum is None or self._curve_sum.shape != curve.shape:
                 self._curve_sum, self._curve_n = torch.zeros_like(curve), 0
             self._curve_sum += curve
             self._curve_n += 1
-        if not trainer._logger_connector.should_update_logs:
+        if not logging_this_step(trainer):
             return
         if pl_module.device.type == "cuda":
             torch.cuda.synchronize(pl_module.device)  # only on the logged steps
@@ -118,12 +120,9 @@ class MetaLearningMonitor(Callback):
         import wandb
         from lit_meta.episode import Episode
 
-        from lit_meta.functional import broadcast_to_tasks, params_of
-
         with torch.inference_mode(False), torch.enable_grad():
             task = Episode(*(t.clone() for t in episode))
-            theta = broadcast_to_tasks(params_of(pl_module.net), 1)
-            pre = pl_module.predict(theta, task.query_x).detach().argmax(-1)[0]
+            pre = pl_module.predict(pl_module.unadapted(1), task.query_x).detach().argmax(-1)[0]
             phi = pl_module.adapt(task.support_x, task.support_y)
             post = pl_module.predict(phi, task.query_x).detach().argmax(-1)[0]
             support_pred = pl_module.predict(phi, task.support_x).detach().argmax(-1)[0]

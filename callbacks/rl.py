@@ -28,10 +28,8 @@ class DynamicsMonitor(Callback):
     """Rollout metrics and videos of a dynamics learner; reads the learner and runs episodes with it in eval mode
     (restored afterwards), never changes its weights or the data.
 
-    Scalars (``pl_module.log``, any logger), at the end of a training epoch:
-        ``rollout/planner_ms_per_step``, ``rollout/n_nonfinite``: the MPC controller of the epoch's
-        data-aggregation round (mean ms of one adapt + plan call for all envs; planner candidates with
-        non-finite predictions), when a round was collected.
+    Scalars (``pl_module.log``, any logger), at the end of a training epoch (the learner itself logs
+    ``rollout/planner_ms_per_step`` and ``rollout/n_nonfinite`` of each data-aggregation round):
         Every ``eval_every_n_epochs`` epochs, for each split in ``eval_splits``:
         ``rollout/{split}_mean_return``, ``rollout/{split}_return_ci95``, ``rollout/{split}_pred_error_pre``,
         ``rollout/{split}_pred_error_post`` (K-step error on the episodes' windows without / with adaptation),
@@ -72,7 +70,6 @@ class DynamicsMonitor(Callback):
         self.eval_splits, self.eval_n_envs = list(eval_splits), eval_n_envs
         self.video_every_n_epochs, self.video_length, self.video_split = video_every_n_epochs, video_length, video_split
         self.video_fps, self.video_width, self.seed = video_fps, video_width, seed
-        self._rollout_stats_seen: Any = None
         self._video_failed = False
 
     @staticmethod
@@ -81,11 +78,6 @@ class DynamicsMonitor(Callback):
             and not getattr(trainer, "fast_dev_run", False)
 
     def on_train_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        stats = getattr(pl_module, "last_rollout_stats", None)
-        if stats is not None and stats is not self._rollout_stats_seen:
-            self._rollout_stats_seen = stats
-            log_scalars(pl_module, {"rollout/planner_ms_per_step": stats["planner_ms_per_step"],
-                                    "rollout/n_nonfinite": stats["n_nonfinite"]}, batch_size=1)
         data = getattr(trainer, "datamodule", None)
         if not hasattr(data, "env_id"):
             return

@@ -1,14 +1,14 @@
 """Pure functions over parameter dicts, batched over a leading task dimension.
 
-No Lightning, no state: every function takes the network (only for its architecture), a dict of
-parameters and tensors, and returns tensors. ``Params`` without a task dimension are shared by all
-tasks (meta-parameters theta); ``TaskParams`` carry a leading dimension ``T``, one set per task.
+No Lightning, no state: every function takes a task backend (:mod:`lit_meta.backends`, ``task_backend(net)``:
+how the network runs for all tasks at once), a dict of parameters and tensors, and returns tensors. ``Params``
+without a task dimension are shared by all tasks (meta-parameters theta); ``TaskParams`` carry a leading
+dimension ``T``, one set per task.
 
 iMAML (Rajeswaran et al. 2019, arXiv 1909.04630), read top to bottom:
   1. :func:`inner_solve`       phi_i = argmin_phi L_i^tr(phi) + lam/2 ||phi - theta||^2          (Eq. 4)
   2. :func:`implicit_meta_grad` solve (I + H_i/lam) g_i = grad L_i^test(phi_i) by :func:`cg`     (Eq. 6-7)
-     with Hessian-vector products :func:`hessian_operator` (``jvp`` of ``grad`` under ``vmap``; for a
-     network with an all-tasks forward such as Conv4, a double backward through a graph built once)
+     with Hessian-vector products (the backend's ``hessian_operator``)
   3. the meta-update theta.grad = mean_i g_i is the LightningModule's (lit_meta.learners).
 The authors' released code (aravindr93/imaml_dev) runs another recipe, here one option away in each step:
   1. ``inner_solve(objective="plain_then_pullback")``: K GD steps on L_i^tr alone, then one :func:`pull_back`
@@ -28,11 +28,9 @@ from typing import Callable, Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call, grad, grad_and_value, jvp, vmap
 
-Params = dict[str, Tensor]
-TaskParams = dict[str, Tensor]
-LossFn = Callable[[Tensor, Tensor], Tensor]
+from .backends import LossFn, Params, TaskBackend, TaskParams, per_task_loss
+
 InnerSolver = Literal["gd", "adam", "hessian_free"]
 INNER_SOLVERS = ("gd", "adam", "hessian_free")
 InnerObjective = Literal["proximal", "plain_then_pullback"]
@@ -66,72 +64,6 @@ def expand_to_tasks(params: Params, n_tasks: int) -> TaskParams:
     return {k: v.clone() for k, v in broadcast_to_tasks(params, n_tasks).items()}
 
 
-def task_loss(net: nn.Module, loss_fn: LossFn, params: Params, x: Tensor, y: Tensor) -> Tensor:
-    """L(params; x, y) for ONE task (x ``[B, ...]``, y ``[B, ...]``); vmap it over tasks."""
-    return loss_fn(functional_call(net, params, (x,)), y)
-
-
-def _all_tasks_forward(net: nn.Module) -> Callable[[TaskParams, Tensor], Tensor] | None:
-    """The network's own forward of all tasks at once, ``forward_tasks(params [T, ...], x [T, B, ...])``, if it
-    has one (lit_meta.nets.Conv4: tasks folded into grouped convolutions), else None (``vmap`` is used)."""
-    return getattr(net, "forward_tasks", None)
-
-
-def _summed_task_grads(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor,
-                       create_graph: bool = False) -> tuple[TaskParams, TaskParams, Tensor, Tensor]:
-    """Gradients of sum_i L_i(params_i) through the all-tasks forward, by plain autograd on detached leaves: task i's
-    loss depends only on params_i, so this is every task's own gradient, ``[T, ...]``. Returns (the leaves, the
-    gradients, losses ``[T]``, outputs); ``create_graph`` keeps the gradients' graph for Hessian-vector products.
-    (No ``torch.func`` transform: without ``vmap`` there is nothing for one to do, and under ``grad`` every
-    operation, custom autograd Functions most, pays a wrapping cost.)"""
-    leaves = {k: v.detach().requires_grad_() for k, v in params.items()}
-    with torch.enable_grad():
-        out = net.forward_tasks(leaves, x)
-        losses = per_task_loss(loss_fn, out, y)
-        g = torch.autograd.grad(losses.sum(), list(leaves.values()), create_graph=create_graph)
-    return leaves, dict(zip(leaves, g)), losses.detach(), out.detach()
-
-
-def task_logits(net: nn.Module, params: TaskParams, x: Tensor) -> Tensor:
-    """Outputs of ``net`` for every task with its own weights: params ``[T, ...]``, x ``[T, B, ...]``."""
-    forward = _all_tasks_forward(net)
-    if forward is not None:
-        return forward(params, x)
-    return vmap(lambda p, xb: functional_call(net, p, (xb,)))(params, x)
-
-
-def task_losses(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> Tensor:
-    """Per-task losses ``[T]`` of per-task params ``[T, ...]`` on x ``[T, B, ...]``, y ``[T, B, ...]``."""
-    if _all_tasks_forward(net) is not None:
-        return per_task_loss(loss_fn, task_logits(net, params, x), y)
-    return vmap(lambda p, xb, yb: task_loss(net, loss_fn, p, xb, yb))(params, x, y)
-
-
-def task_grads(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor) -> tuple[TaskParams, Tensor]:
-    """Per-task gradients ``[T, ...]`` and losses ``[T]`` of per-task params (not differentiable further)."""
-    g, loss, _ = task_grads_and_outputs(net, loss_fn, params, x, y)
-    return g, loss
-
-
-def per_task_loss(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
-    """Per-task mean loss ``[T]`` of outputs ``[T, B, ...]`` against y ``[T, B, ...]``."""
-    return loss_fn(outputs.flatten(0, 1), y.flatten(0, 1), reduction="none").view(y.shape[0], -1).mean(1)
-
-
-def task_grads_and_outputs(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor
-                           ) -> tuple[TaskParams, Tensor, Tensor]:
-    """Per-task gradients ``[T, ...]``, losses ``[T]`` and outputs ``[T, B, ...]`` in one pass."""
-    if _all_tasks_forward(net) is not None:
-        return _summed_task_grads(net, loss_fn, params, x, y)[1:]
-
-    def one(p: Params, xb: Tensor, yb: Tensor) -> tuple[Tensor, Tensor]:
-        out = functional_call(net, p, (xb,))
-        return loss_fn(out, yb), out
-
-    g, (loss, out) = vmap(grad_and_value(one, has_aux=True))(params, x, y)
-    return g, loss, out
-
-
 def _dot(a: TaskParams, b: TaskParams) -> Tensor:
     """Per-task inner product ``[T]`` of two per-task parameter dicts."""
     return sum((a[k] * b[k]).flatten(1).sum(1) for k in a)
@@ -158,7 +90,7 @@ def check_inner(solver: str, objective: str) -> None:
 
 
 def inner_solve(
-    net: nn.Module,
+    backend: TaskBackend,
     loss_fn: LossFn,
     theta: Params,
     x: Tensor,
@@ -203,7 +135,7 @@ def inner_solve(
         m = {k: torch.zeros_like(v) for k, v in phi.items()}
         s = {k: torch.zeros_like(v) for k, v in phi.items()}
     for step in range(inner_steps):
-        g, loss = task_grads(net, loss_fn, phi, x, y)
+        g, loss = backend.grads(loss_fn, phi, x, y)
         diff = _sub(phi, theta)
         curve.append(_proximal(loss.detach(), diff, step_lam))
         g = {k: g[k] + step_lam * diff[k] for k in phi}
@@ -215,13 +147,13 @@ def inner_solve(
             s = {k: b2 * s[k] + (1 - b2) * g[k] ** 2 for k in phi}
             phi = {k: phi[k] - inner_lr * (m[k] / (1 - b1 ** t)) / ((s[k] / (1 - b2 ** t)).sqrt() + eps) for k in phi}
         else:  # hessian_free
-            hessian = hessian_operator(net, loss_fn, phi, x, y)
+            hessian = backend.hessian_operator(loss_fn, phi, x, y)
             newton = lambda v: _axpy(float(lam), v, hessian(v))  # (H_i + lam I) v
             d = cg(newton, g, cg_steps, tol=0.0).x
-            phi = _backtrack(net, loss_fn, theta, phi, d, x, y, lam, curve[-1])
+            phi = _backtrack(backend, loss_fn, theta, phi, d, x, y, lam, curve[-1])
     if objective == "plain_then_pullback":
         phi = pull_back(phi, theta, lam=lam, lr=inner_lr)
-    curve.append(_proximal_objective(net, loss_fn, theta, phi, x, y, step_lam))
+    curve.append(_proximal_objective(backend, loss_fn, theta, phi, x, y, step_lam))
     return phi, torch.stack(curve)
 
 
@@ -231,10 +163,10 @@ def pull_back(phi: TaskParams, theta: Params, *, lam: float, lr: float) -> TaskP
     return {k: phi[k] - lr * lam * (phi[k] - theta[k]) for k in phi}  # phi_i <- phi_i - lr lam (phi_i - theta)
 
 
-def _proximal_objective(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, x: Tensor, y: Tensor,
+def _proximal_objective(backend: TaskBackend, loss_fn: LossFn, theta: Params, phi: TaskParams, x: Tensor, y: Tensor,
                         lam: float) -> Tensor:
     """Per-task L_i(phi_i) + lam/2 ||phi_i - theta||^2, ``[T]``."""
-    return _proximal(task_losses(net, loss_fn, phi, x, y).detach(), _sub(phi, theta), lam)
+    return _proximal(backend.losses(loss_fn, phi, x, y).detach(), _sub(phi, theta), lam)
 
 
 def _proximal(loss: Tensor, diff: TaskParams, lam: float) -> Tensor:
@@ -242,7 +174,7 @@ def _proximal(loss: Tensor, diff: TaskParams, lam: float) -> Tensor:
     return loss + lam / 2 * _dot(diff, diff)
 
 
-def _backtrack(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, d: TaskParams, x: Tensor, y: Tensor,
+def _backtrack(backend: TaskBackend, loss_fn: LossFn, theta: Params, phi: TaskParams, d: TaskParams, x: Tensor, y: Tensor,
                lam: float, current: Tensor, halvings: int = 4) -> TaskParams:
     """Per-task step phi - t d with t the best of 1, 1/2, ..., 2^-halvings, or no step if none lowers the
     proximal objective (a Newton step on a non-convex loss can overshoot)."""
@@ -250,7 +182,7 @@ def _backtrack(net: nn.Module, loss_fn: LossFn, theta: Params, phi: TaskParams, 
     best = current
     for j in range(halvings + 1):
         t = 0.5 ** j
-        value = _proximal_objective(net, loss_fn, theta, {k: phi[k] - t * d[k] for k in phi}, x, y, lam)
+        value = _proximal_objective(backend, loss_fn, theta, {k: phi[k] - t * d[k] for k in phi}, x, y, lam)
         better = value < best  # NaN never counts as better
         best_t, best = torch.where(better, t, best_t), torch.where(better, value, best)
     return _axpy(-best_t, d, phi)
@@ -261,33 +193,6 @@ def _sub(a: TaskParams, theta: Params) -> TaskParams:
 
 
 # --------------------------------------------------------------------------- 2. implicit meta-gradient (Eq. 6-7)
-
-def hessian_operator(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor
-                     ) -> Callable[[TaskParams], TaskParams]:
-    """v -> H v, the per-task Hessian-vector products H_i v_i, H_i = d^2 L_i / d phi^2 at ``params`` ``[T, ...]``
-    (iMAML Eq. 7's matrix), for the several products of one CG solve.
-
-    Generic networks: forward-over-reverse (``jvp`` of ``grad``) under ``vmap``, one forward pass per product
-    (reverse-over-reverse through BatchNorm raises under ``vmap``). A network with an all-tasks forward
-    (``forward_tasks``) needs no ``vmap``: the gradient of the summed losses is built once, with its graph,
-    and every product is one more backward through it (H_i symmetric).
-    """
-    if _all_tasks_forward(net) is not None:
-        leaves, g, _, _ = _summed_task_grads(net, loss_fn, params, x, y, create_graph=True)
-        names, wrt, grads = list(leaves), list(leaves.values()), list(g.values())
-        # v^T H_i = H_i v (H_i symmetric); products not differentiable further, as task_grads
-        return lambda v: dict(zip(names, torch.autograd.grad(grads, wrt, [v[k] for k in names], retain_graph=True)))
-
-    def one(p: Params, vp: Params, xb: Tensor, yb: Tensor) -> Params:
-        return jvp(lambda q: grad(lambda r: task_loss(net, loss_fn, r, xb, yb))(q), (p,), (vp,))[1]
-
-    return lambda v: vmap(one)(params, v, x, y)
-
-
-def hvp(net: nn.Module, loss_fn: LossFn, params: TaskParams, x: Tensor, y: Tensor, v: TaskParams) -> TaskParams:
-    """One product H_i v_i of :func:`hessian_operator` (d^2 L_i / d phi^2 at ``params``, times ``v`` ``[T, ...]``)."""
-    return hessian_operator(net, loss_fn, params, x, y)(v)
-
 
 @dataclass
 class CGResult:
@@ -308,6 +213,13 @@ def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, to
     ``<= tol * ||b||``. A task whose direction has non-positive curvature (p^T A p <= 0) stops there
     (truncated CG), keeping its last iterate, and is flagged in ``negative_curvature``: on an indefinite
     system CG does not pass silently.
+
+        >>> import torch
+        >>> a = torch.tensor([[[4.0, 1.0], [1.0, 3.0]], [[2.0, 0.0], [0.0, 5.0]]])   # two tasks' SPD matrices
+        >>> b = {"w": torch.tensor([[1.0, 2.0], [2.0, 5.0]])}
+        >>> result = cg(lambda v: {"w": (a @ v["w"][..., None])[..., 0]}, b, steps=2)
+        >>> torch.allclose(result.x["w"], torch.linalg.solve(a, b["w"])), result.negative_curvature.tolist()
+        (True, [False, False])
     """
     x = {k: torch.zeros_like(v) for k, v in b.items()}
     r = dict(b)
@@ -336,7 +248,7 @@ def cg(matvec: Callable[[TaskParams], TaskParams], b: TaskParams, steps: int, to
 
 
 def implicit_meta_grad(
-    net: nn.Module,
+    backend: TaskBackend,
     loss_fn: LossFn,
     phi: TaskParams,
     support: tuple[Tensor, Tensor],
@@ -352,7 +264,7 @@ def implicit_meta_grad(
 
         g_i = (I + H_i / lam)^{-1} grad L_i^test(phi_i),   H_i = Hessian of L_i^train at phi_i,
 
-    by :func:`cg` with :func:`hessian_operator` on the support set; never differentiates through the inner solve.
+    by :func:`cg` with the backend's Hessian-vector products on the support set; never differentiates through the inner solve.
 
     ``regu_coef``, ``lam_damping`` (both >= 0, default 0: the paper's system above) damp the system as the
     authors' released code does (aravindr93/imaml_dev, ``implicit_maml/learner_model.py``,
@@ -364,7 +276,7 @@ def implicit_meta_grad(
     The matrix-vector product is the value handed to :func:`cg`; its ``negative_curvature`` flags the tasks
     whose system was not positive definite along a CG direction.
     """
-    hessian = hessian_operator(net, loss_fn, phi, *support)
+    hessian = backend.hessian_operator(loss_fn, phi, *support)
     # A = (1 + regu_coef) (I + H_i / c), c = (1 + regu_coef)(lam + lam_damping)   (paper, Eq. 7: regu_coef = lam_damping = 0)
     # so g_i = (I + H_i / c)^{-1} b / (1 + regu_coef): the damping costs one scaling of b, not one per CG step
     scale, c = 1.0 + regu_coef, (1.0 + regu_coef) * (lam + lam_damping)
@@ -377,41 +289,15 @@ def implicit_meta_grad(
 
 # --------------------------------------------------------------------------- MAML
 
-def maml_meta_grads(net: nn.Module, loss_fn: LossFn, theta: Params, support: tuple[Tensor, Tensor],
+def maml_meta_grads(backend: TaskBackend, loss_fn: LossFn, theta: Params, support: tuple[Tensor, Tensor],
                     query: tuple[Tensor, Tensor], inner_steps: int, inner_lr: float
                     ) -> tuple[TaskParams, Tensor, Tensor]:
     """Second-order MAML meta-gradients of every task (Finn et al. 2017, Eq. 1):
 
         g_i = d/dtheta L_i^test(phi_i(theta)),   phi_i = theta - inner_lr * sum_t grad L_i^train(phi_i^t),
 
-    differentiating through all ``inner_steps`` (memory grows with them). Generic networks: ``vmap(grad(...))``
-    of the whole per-task objective (differentiating a batched ``vmap(grad)`` unroll with outer autograd instead
-    gives WRONG gradients through BatchNorm in torch 2.14, checked against finite differences in the tests). A
-    network with an all-tasks forward (Conv4): the unroll by plain autograd on one copy of theta per task, with
-    ``create_graph`` (no ``vmap``). Returns per-task gradients ``[T, ...]``, query losses ``[T]`` and query
-    outputs ``[T, B, ...]``.
+    differentiating through all ``inner_steps`` (memory grows with them); how the unroll is differentiated is
+    the backend's (``vmap(grad)`` of the per-task objective, or plain autograd on one copy of theta per task).
+    Returns per-task gradients ``[T, ...]``, query losses ``[T]`` and query outputs ``[T, B, ...]``.
     """
-    if _all_tasks_forward(net) is not None:
-        thetas = {k: v.requires_grad_() for k, v in expand_to_tasks(theta, support[0].shape[0]).items()}
-        with torch.enable_grad():
-            phi = thetas
-            for _ in range(inner_steps):
-                losses = per_task_loss(loss_fn, net.forward_tasks(phi, support[0]), support[1])
-                g = torch.autograd.grad(losses.sum(), list(phi.values()), create_graph=True)
-                phi = {k: phi[k] - inner_lr * gk for k, gk in zip(phi, g)}
-            outputs = net.forward_tasks(phi, query[0])
-            losses = per_task_loss(loss_fn, outputs, query[1])
-            grads = torch.autograd.grad(losses.sum(), list(thetas.values()))  # task i's loss: only theta copy i
-        return dict(zip(thetas, grads)), losses.detach(), outputs.detach()
-
-    def objective(th: Params, sx: Tensor, sy: Tensor, qx: Tensor, qy: Tensor) -> tuple[Tensor, Tensor]:
-        phi = th
-        for _ in range(inner_steps):
-            g = grad(lambda p: task_loss(net, loss_fn, p, sx, sy))(phi)
-            phi = {k: phi[k] - inner_lr * g[k] for k in phi}
-        out = functional_call(net, phi, (qx,))
-        return loss_fn(out, qy), out
-
-    thetas = broadcast_to_tasks(theta, support[0].shape[0])
-    grads, (losses, outputs) = vmap(grad_and_value(objective, has_aux=True))(thetas, *support, *query)
-    return grads, losses, outputs
+    return backend.maml_meta_grads(loss_fn, theta, support, query, inner_steps, inner_lr)

@@ -1,15 +1,27 @@
 """LightningModules for few-shot learning.
 
-:class:`EpisodicLearner` holds what every few-shot learner shares: an episode comes in, each task's
-weights are adapted on its support set (:meth:`~EpisodicLearner.adapt`), and the query loss and
-accuracy are measured before and after adaptation. Evaluation runs with gradients on (adaptation
-needs them), whatever the Trainer's ``inference_mode``, and reports the mean and 95% confidence
-interval over the fixed evaluation episodes.
+:class:`AdaptiveLearner` holds what every learner shares: an episode comes in, each task's state is adapted
+on its support set (:meth:`~AdaptiveLearner.adapt`; :meth:`~AdaptiveLearner.unadapted` before), and the query
+loss and accuracy are measured before and after adaptation. Evaluation runs with gradients on (adaptation needs
+them), whatever the Trainer's ``inference_mode``, and reports the mean and 95% confidence interval over the
+fixed evaluation episodes. :class:`EpisodicLearner` adapts by gradient steps on the task's weights; the network
+runs for all tasks at once through the learner's task backend (:mod:`lit_meta.backends`), chosen once.
 
 :class:`MetaLearner` adds the meta-update (manual optimization): a subclass turns an episode into
-per-task meta-gradients (:meth:`~MetaLearner.task_meta_grads`); the mean over tasks, summed across
-DDP ranks through the strategy, becomes theta.grad, and the outer optimizer steps. iMAML, MAML,
+per-task meta-gradients (:meth:`~MetaLearner.task_meta_grads`, a :class:`MetaGradients`); the mean over tasks,
+summed across DDP ranks through the strategy, becomes theta.grad, and the outer optimizer steps. iMAML, MAML,
 first-order MAML and Reptile differ only in that one method.
+
+    >>> import torch
+    >>> from lit_meta import IMAML, MLP, Episode
+    >>> learner = IMAML(MLP(1, 1, hidden=(16,)), lam=2.0, inner_steps=5, inner_lr=0.05, cg_steps=3)
+    >>> sx, qx = torch.rand(4, 10, 1), torch.rand(4, 10, 1)              # 4 regression tasks
+    >>> episode = Episode(sx, torch.sin(3 * sx), qx, torch.sin(3 * qx))
+    >>> result = learner.task_meta_grads(episode)                       # per-task implicit meta-gradients
+    >>> result.grads["layers.0.weight"].shape, result.inner_curve.shape
+    (torch.Size([4, 16, 1]), torch.Size([6, 4]))
+    >>> learner.predict(learner.adapt(sx, episode.support_y), qx).shape  # adapted predictions
+    torch.Size([4, 10, 1])
 """
 
 from __future__ import annotations
@@ -18,6 +30,7 @@ import math
 import numbers
 import warnings
 from collections import deque
+from dataclasses import dataclass, fields
 from typing import Any, Literal
 
 import lightning as L
@@ -27,10 +40,10 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 from torchmetrics import CatMetric, MeanMetric
 
+from .backends import BackendKind, TaskBackend, task_backend
 from .episode import Episode, to_float
-from .functional import (InnerObjective, Params, TaskParams, check_inner, broadcast_to_tasks,
-                         implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of, per_task_loss,
-                         task_grads_and_outputs, task_logits)
+from .functional import (InnerObjective, Params, TaskParams, check_inner, broadcast_to_tasks, implicit_meta_grad,
+                         inner_solve, loss_for, maml_meta_grads, params_of, per_task_loss)
 from .nets import Conv4, check_functional
 
 EVAL_STAGES = ("val", "test")
@@ -39,27 +52,27 @@ EvalAdaptation = Literal["as_training", "plain"]
 EVAL_ADAPTATIONS = ("as_training", "plain")
 
 
-class EpisodicLearner(L.LightningModule):
-    """Base class: adapt per task on the support set, score on the query set.
+class AdaptiveLearner(L.LightningModule):
+    """Base class: a model adapted per task on its support set, scored on its query set before and after.
+
+    A subclass says how a task adapts (:meth:`adapt`: the per-task state, a dict of tensors with a leading task
+    dimension, e.g. adapted weights, or a recurrent model's hidden state), how the adapted model predicts
+    (:meth:`predict`) and what the state is before adaptation (:meth:`unadapted`). Evaluation (validation, test)
+    reports the query loss (and accuracy) with both states: mean and 95% CI over the fixed evaluation episodes.
 
     Args:
-        net: the network adapted per task; any ``nn.Module`` without running statistics.
-            Default: ``Conv4(out_features=5)`` (Omniglot 5-way).
-        inner_steps: gradient steps of adaptation per task. Default 10.
-        inner_lr: step size of adaptation. Default 0.1.
+        net: the network; any ``nn.Module`` without running statistics. Default: ``Conv4(out_features=5)``.
+        backend: how the net runs for all tasks at once (:mod:`lit_meta.backends`): ``"auto"`` (default: the
+            folded backend for a :class:`~lit_meta.backends.FoldedNet` such as ``Conv4``, else ``vmap``),
+            ``"vmap"`` or ``"folded"``. Chosen once, here: ``self.backend``.
     """
 
-    def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1) -> None:
+    def __init__(self, net: nn.Module | None = None, backend: BackendKind = "auto") -> None:
         super().__init__()
-        if inner_steps < 0:
-            raise ValueError(f"inner_steps={inner_steps} must be >= 0")
-        if inner_lr <= 0:
-            raise ValueError(f"inner_lr={inner_lr} must be > 0")
         self._save_config()
         self.net = net if net is not None else Conv4()
         check_functional(self.net)
-        self.inner_steps = inner_steps
-        self.inner_lr = inner_lr
+        self.backend: TaskBackend = task_backend(self.net, backend)
         self.automatic_optimization = False
         self.train_metrics = nn.ModuleDict({name: MeanMetric() for name in ("query_loss", "query_acc")})
         # per-task values of the fixed evaluation episodes: mean and 95% CI at epoch end (gathered under DDP)
@@ -96,15 +109,19 @@ class EpisodicLearner(L.LightningModule):
     def forward(self, x: Tensor) -> Tensor:
         return self.net(x)
 
-    # --- the algorithm ------------------------------------------------------------------------
+    # --- adaptation ---------------------------------------------------------------------------
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
-        """Per-task weights ``[T, ...]`` adapted on support sets x ``[T, B, ...]``, y ``[T, B]``."""
-        return inner_solve(self.net, loss_for(support_y), params_of(self.net), support_x, support_y,
-                           lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
+        """The per-task state ``{name: [T, ...]}`` adapted on support sets x ``[T, B, ...]``, y ``[T, B, ...]``."""
+        raise NotImplementedError
 
-    def predict(self, params: TaskParams, x: Tensor) -> Tensor:
-        """Outputs ``[T, B, ...]`` of per-task weights ``params`` (from :meth:`adapt`) on x ``[T, B, ...]``."""
-        return task_logits(self.net, params, x)
+    def unadapted(self, n_tasks: int) -> TaskParams:
+        """The per-task state before adaptation, for ``n_tasks`` tasks: the (meta-learned) weights, shared."""
+        return broadcast_to_tasks(params_of(self.net), n_tasks)
+
+    def predict(self, state: TaskParams, x: Tensor) -> Tensor:
+        """Outputs ``[T, B, ...]`` of the per-task state (from :meth:`adapt` or :meth:`unadapted`, default: the
+        weights) on x ``[T, B, ...]``."""
+        return self.backend.outputs(state, x)
 
     def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
         self._check_outputs(batch)
@@ -148,8 +165,8 @@ class EpisodicLearner(L.LightningModule):
         with torch.inference_mode(False), torch.enable_grad():
             episode = Episode(*(t.clone() for t in batch))
             self._check_outputs(episode)
-            theta = broadcast_to_tasks(params_of(self.net), episode.n_tasks)
-            before = self.per_task_scores(self.predict(theta, episode.query_x).detach(), episode)
+            before = self.per_task_scores(self.predict(self.unadapted(episode.n_tasks), episode.query_x).detach(),
+                                          episode)
             phi = self.adapt(episode.support_x, episode.support_y)
             after = self.per_task_scores(self.predict(phi, episode.query_x).detach(), episode)
         for when, scores in (("pre_", before), ("", after)):
@@ -185,6 +202,32 @@ class EpisodicLearner(L.LightningModule):
         self._outputs_checked = True
 
 
+class EpisodicLearner(AdaptiveLearner):
+    """Base of the gradient-adapted learners: a task adapts by ``inner_steps`` of gradient descent on its support
+    set (all tasks at once, :func:`~lit_meta.functional.inner_solve`; the meta-learners' own inner solves vary it).
+
+    Args:
+        net, backend: see :class:`AdaptiveLearner`. Default net: ``Conv4(out_features=5)`` (Omniglot 5-way).
+        inner_steps: gradient steps of adaptation per task. Default 10.
+        inner_lr: step size of adaptation. Default 0.1.
+    """
+
+    def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
+                 backend: BackendKind = "auto") -> None:
+        if inner_steps < 0:
+            raise ValueError(f"inner_steps={inner_steps} must be >= 0")
+        if inner_lr <= 0:
+            raise ValueError(f"inner_lr={inner_lr} must be > 0")
+        super().__init__(net, backend)
+        self.inner_steps = inner_steps
+        self.inner_lr = inner_lr
+
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        """Per-task weights ``[T, ...]`` after ``inner_steps`` GD steps on support sets x ``[T, B, ...]``, y ``[T, B]``."""
+        return inner_solve(self.backend, loss_for(support_y), params_of(self.net), support_x, support_y,
+                           lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
+
+
 class FineTune(EpisodicLearner):
     """The fine-tune (train-from-scratch) baseline: meta-learns nothing.
 
@@ -207,11 +250,60 @@ class FineTune(EpisodicLearner):
             )
 
 
+@dataclass
+class MetaGradients:
+    """What :meth:`MetaLearner.task_meta_grads` returns for a meta-batch of T tasks: the per-task meta-gradients,
+    the adapted query outputs, and the diagnostics an algorithm has (None where it has not; each is logged as
+    ``train/<name>``, its mean over the tasks)."""
+
+    grads: TaskParams  #: per-task meta-gradients ``[T, ...]``
+    outputs: Tensor  #: post-adaptation query outputs ``[T, B, ...]``
+    inner_curve: Tensor | None = None  #: ``[inner_steps + 1, T]``: the objective the inner steps descend, before each and at the end
+    cg_residual: Tensor | None = None  #: ``[T]``: ||b - A g|| of the CG solve
+    cg_iterations: Tensor | None = None  #: ``[T]``: CG iterations run
+    cg_negative_curvature: Tensor | None = None  #: ``[T]`` bool: the CG met p^T A p <= 0
+    proximal_distance: Tensor | None = None  #: ``[T]``: ||phi_i - theta||
+
+    @property
+    def n_tasks(self) -> int:
+        return self.outputs.shape[0]
+
+    @classmethod
+    def cat(cls, parts: list[MetaGradients]) -> MetaGradients:
+        """The results of consecutive groups of tasks as one (tasks along dim 0; the inner curve's are dim 1)."""
+        def join(name: str) -> Any:
+            values = [getattr(p, name) for p in parts]
+            if values[0] is None:
+                return None
+            if name == "grads":
+                return {k: torch.cat([v[k] for v in values]) for k in values[0]}
+            return torch.cat(values, dim=1 if name == "inner_curve" else 0)
+
+        return cls(**{f.name: join(f.name) for f in fields(cls)})
+
+    def diagnostics(self) -> dict[str, Tensor]:
+        """The per-task diagnostics ``[T]`` this algorithm has, by name (without ``grads``, ``outputs``, the curve)."""
+        skip = ("grads", "outputs", "inner_curve")
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in skip and getattr(self, f.name) is not None}
+
+
+def logging_this_step(trainer: L.Trainer) -> bool:
+    """Whether the loggers record the training step that has just taken its optimizer step (``log_every_n_steps``),
+    from Lightning's public counters: the meta-learners take one optimizer step per batch, so after it
+    ``global_step`` is the batch's 1-based index, the count Lightning's logging decision uses."""
+    if trainer.log_every_n_steps == 0:
+        return False
+    return trainer.global_step % trainer.log_every_n_steps == 0 or trainer.should_stop
+
+
 class MetaLearner(EpisodicLearner):
     """Base of the meta-learners: per-task meta-gradients -> mean -> outer optimizer step.
 
+    ``training_step`` returns ``{"loss": mean query loss, "inner_curve": [inner_steps + 1] mean over the finite
+    tasks, or absent}``: callbacks read it as ``outputs`` of ``on_train_batch_end``.
+
     Args:
-        net, inner_steps, inner_lr: see :class:`EpisodicLearner`.
+        net, inner_steps, inner_lr, backend: see :class:`EpisodicLearner`.
         optimizer: the outer optimizer, given the parameters. Default ``torch.optim.Adam`` (lr 1e-3).
         lr_scheduler: optional outer LR scheduler, stepped once per meta-update. Default None.
         nan_policy: a task whose inner loss or meta-gradient is not finite: ``"raise"`` (default) stops
@@ -231,8 +323,8 @@ class MetaLearner(EpisodicLearner):
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
                  nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
-                 skip_window: int = 50) -> None:
-        super().__init__(net, inner_steps, inner_lr)
+                 skip_window: int = 50, backend: BackendKind = "auto") -> None:
+        super().__init__(net, inner_steps, inner_lr, backend)
         if nan_policy not in ("raise", "skip"):
             raise ValueError(f"nan_policy={nan_policy!r} is not one of 'raise', 'skip'")
         if task_chunk_size is not None and task_chunk_size < 1:
@@ -251,9 +343,6 @@ class MetaLearner(EpisodicLearner):
         # (skipped, total) tasks of the last skip_window steps, summed over the DDP ranks (nan_policy='skip')
         self._skip_counts: deque[tuple[float, float]] = deque(maxlen=self.skip_window)
         self._last_finite: tuple[Tensor, Tensor | None] | None = None  # this step's finite mask and inner curve
-        # read by callbacks (lit_meta.callbacks): the last training step's mean inner-loss curve and ||theta.grad||
-        self.last_inner_curve: Tensor | None = None
-        self.last_meta_grad_norm: Tensor | None = None
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.net.parameters())
@@ -261,68 +350,64 @@ class MetaLearner(EpisodicLearner):
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.lr_scheduler_factory(optimizer)}
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
-        """Per-task meta-gradients ``[T, ...]``, post-adaptation query outputs ``[T, B, ...]``, and
-        per-task diagnostics (e.g. the inner-loss curve ``[steps + 1, T]``)."""
+    def task_meta_grads(self, episode: Episode) -> MetaGradients:
+        """Per-task meta-gradients ``[T, ...]``, post-adaptation query outputs ``[T, B, ...]`` and the algorithm's
+        diagnostics, as a :class:`MetaGradients`."""
         raise NotImplementedError
 
-    def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, Tensor, dict[str, Tensor]]:
-        """Sum over this rank's finite tasks of the meta-gradients, the finite mask ``[T]``, the
-        post-adaptation query outputs and the diagnostics of :meth:`task_meta_grads`."""
-        grads, outputs, info = self._chunked_task_meta_grads(episode)
-        finite = self._finite_tasks(list(grads.values()), info.get("inner_curve"))
+    def meta_grad_sum(self, episode: Episode) -> tuple[Params, Tensor, MetaGradients]:
+        """Sum over this rank's finite tasks of the meta-gradients, the finite mask ``[T]``, and the
+        :meth:`task_meta_grads` result."""
+        result = self._chunked_task_meta_grads(episode)
+        finite = self._finite_tasks(list(result.grads.values()), result.inner_curve)
         # where, not multiply: 0 * NaN is NaN
-        return {k: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0) for k, g in grads.items()}, \
-            finite, outputs, info
+        return {k: torch.where(finite.view(-1, *[1] * (g.dim() - 1)), g, 0.0).sum(0) for k, g in result.grads.items()}, \
+            finite, result
 
-    def _chunked_task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+    def _chunked_task_meta_grads(self, episode: Episode) -> MetaGradients:
         """:meth:`task_meta_grads` over groups of at most ``task_chunk_size`` tasks (bounds peak memory)."""
         size = self.task_chunk_size or episode.n_tasks
         if size >= episode.n_tasks:
             return self.task_meta_grads(episode)
-        parts = [self.task_meta_grads(Episode(*(t[i:i + size] for t in episode)))
-                 for i in range(0, episode.n_tasks, size)]
-        grads = {k: torch.cat([p[0][k] for p in parts]) for k in parts[0][0]}
-        outputs = torch.cat([p[1] for p in parts])
-        info = {k: torch.cat([p[2][k] for p in parts], dim=-1) for k in parts[0][2]}  # task dim is last
-        return grads, outputs, info
+        return MetaGradients.cat([self.task_meta_grads(Episode(*(t[i:i + size] for t in episode)))
+                                  for i in range(0, episode.n_tasks, size)])
 
-    def training_step(self, batch: Episode, batch_idx: int) -> Tensor:
+    def training_step(self, batch: Episode, batch_idx: int) -> dict[str, Tensor]:
         self._check_outputs(batch)
-        grad_sum, finite, outputs, info = self.meta_grad_sum(batch)
-        self.meta_update(grad_sum, finite)
-        loss = self.log_train_metrics(outputs.detach(), batch)
-        self.log("train/meta_grad_norm", self.last_meta_grad_norm, batch_size=batch.n_tasks)
-        if "inner_curve" in info:
-            curve = info["inner_curve"].detach()
+        grad_sum, finite, result = self.meta_grad_sum(batch)
+        grad_norm = self.meta_update(grad_sum, finite)
+        loss = self.log_train_metrics(result.outputs.detach(), batch)
+        self.log("train/meta_grad_norm", grad_norm, batch_size=batch.n_tasks)
+        out = {"loss": loss}
+        if result.inner_curve is not None:
+            curve = result.inner_curve.detach()
             self.log("train/inner_loss_final", curve[-1].mean(), batch_size=batch.n_tasks)
             # before any step phi = theta: the proximal term is 0, this is the support loss before adaptation
             self.log("train/pre_support_loss", curve[0].mean(), batch_size=batch.n_tasks)
-            self.last_inner_curve = curve[:, finite].mean(-1)  # [steps + 1], for callbacks (finite tasks)
+            out["inner_curve"] = curve[:, finite].mean(-1)  # [steps + 1], for callbacks (finite tasks)
         # cg_negative_curvature: the fraction of this step's tasks whose CG met p^T A p <= 0 (IMAML)
-        for key in ("cg_residual", "cg_iterations", "cg_negative_curvature", "proximal_distance"):
-            if key in info:
-                self.log(f"train/{key}", info[key].float().mean(), batch_size=batch.n_tasks)
+        for key, values in result.diagnostics().items():
+            self.log(f"train/{key}", values.float().mean(), batch_size=batch.n_tasks)
         if self._logging_this_step():  # an extra forward pass: only on the steps the logger records
             with torch.no_grad():
-                theta = broadcast_to_tasks(params_of(self.net), batch.n_tasks)
-                before = self.per_task_scores(self.predict(theta, batch.query_x), batch)
+                before = self.per_task_scores(self.predict(self.unadapted(batch.n_tasks), batch.query_x), batch)
             for what, values in before.items():
                 self.log(f"train/pre_query_{what}", values.mean(), on_step=True, on_epoch=False,
                          batch_size=batch.n_tasks)
         if self.nan_policy == "skip":
             self.log("train/skipped_tasks", (~finite).sum().float(), reduce_fx="sum", batch_size=batch.n_tasks)
-        return loss
+        return out
 
     def _logging_this_step(self) -> bool:
-        """Whether the loggers record this training step (``trainer.log_every_n_steps``)."""
+        """Whether the loggers record this training step (``trainer.log_every_n_steps``); True outside a Trainer."""
         try:
-            return bool(self.trainer._logger_connector.should_update_logs)
-        except (AttributeError, RuntimeError, NotImplementedError):
+            return logging_this_step(self.trainer)
+        except RuntimeError:  # not attached to a Trainer
             return True
 
-    def meta_update(self, grad_sum: Params, finite: Tensor) -> None:
-        """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step.
+    def meta_update(self, grad_sum: Params, finite: Tensor) -> Tensor:
+        """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step; returns
+        ||theta.grad||.
 
         The per-rank sums and task counts (finite, all) travel in one flat tensor through the strategy's
         all-reduce, so every DDP rank applies the same update (assigning ``p.grad`` alone would bypass DDP)
@@ -342,7 +427,7 @@ class MetaLearner(EpisodicLearner):
                 f"nan_policy='skip' to leave such tasks out of the meta-update"))
         count = flat[-2].clamp(min=1.0)
         # theta.grad = 1/|B| sum_{i in B} g_i, then the outer optimizer's step   (iMAML Alg. 2; the released code too)
-        self.last_meta_grad_norm = torch.linalg.vector_norm(flat[:-2]).detach() / count  # ||theta.grad||
+        grad_norm = torch.linalg.vector_norm(flat[:-2]).detach() / count  # ||theta.grad||
         optimizer = self.optimizers()
         optimizer.zero_grad()
         params = dict(self.net.named_parameters())
@@ -352,6 +437,7 @@ class MetaLearner(EpisodicLearner):
         scheduler = self.lr_schedulers()
         if scheduler is not None:
             scheduler.step()
+        return grad_norm
 
     def _nan_error(self) -> str | None:
         """The error naming this rank's first non-finite task and inner step (None: this rank's are finite)."""
@@ -445,7 +531,7 @@ class IMAML(MetaLearner):
         inner_solver: ``"gd"``, ``"adam"`` or ``"hessian_free"`` (Newton-CG, iMAML-HF). Default ``"gd"``.
         cg_steps: conjugate-gradient iterations of the meta-gradient solve (paper: 5). Default 5.
         cg_tol: CG stops early when every task's residual is <= cg_tol * ||grad L^test||. Default 1e-10.
-        optimizer, lr_scheduler, nan_policy, task_chunk_size, max_skip_fraction, skip_window: see
+        optimizer, lr_scheduler, nan_policy, task_chunk_size, max_skip_fraction, skip_window, backend: see
             :class:`MetaLearner` (outer Adam 1e-3 as the paper).
         inner_objective: what the inner steps descend. ``"proximal"`` (default, the paper's Eq. 4):
             L_i(phi) + lam/2 ||phi - theta||^2 in every step. ``"plain_then_pullback"`` (the released code; needs
@@ -471,9 +557,10 @@ class IMAML(MetaLearner):
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
                  nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
                  skip_window: int = 50, inner_objective: InnerObjective = "proximal", regu_coef: float = 0.0,
-                 lam_damping: float = 0.0, eval_adaptation: EvalAdaptation = "as_training") -> None:
+                 lam_damping: float = 0.0, eval_adaptation: EvalAdaptation = "as_training",
+                 backend: BackendKind = "auto") -> None:
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
-                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window, backend=backend)
         if not lam > 0:
             raise ValueError(f"lam={lam} must be > 0 (the proximal term lam/2 ||phi - theta||^2 anchors phi to theta)")
         if cg_steps < 1:
@@ -502,22 +589,22 @@ class IMAML(MetaLearner):
         return self._inner(support_x, support_y)[0]
 
     def _inner(self, support_x: Tensor, support_y: Tensor) -> tuple[TaskParams, Tensor]:
-        return inner_solve(self.net, loss_for(support_y), params_of(self.net), support_x, support_y, lam=self.lam,
+        return inner_solve(self.backend, loss_for(support_y), params_of(self.net), support_x, support_y, lam=self.lam,
                            inner_steps=self.inner_steps, inner_lr=self.inner_lr, solver=self.inner_solver,
                            cg_steps=self.cg_steps, objective=self.inner_objective)
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> MetaGradients:
         loss_fn = loss_for(episode.query_y)
         phi, curve = self._inner(episode.support_x, episode.support_y)  # Eq. 4 (released: plain steps + pull-back)
-        query_grad, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
-        solved = implicit_meta_grad(self.net, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
+        query_grad, _, outputs = self.backend.grads_and_outputs(loss_fn, phi, episode.query_x, episode.query_y)
+        solved = implicit_meta_grad(self.backend, loss_fn, phi, (episode.support_x, episode.support_y), query_grad,
                                     lam=self.lam, cg_steps=self.cg_steps, cg_tol=self.cg_tol,
                                     regu_coef=self.regu_coef, lam_damping=self.lam_damping)  # Eq. 6-7
         self._warn_negative_curvature(solved.negative_curvature)
-        return solved.x, outputs, {"inner_curve": curve, "cg_residual": solved.residual,
-                                   "cg_iterations": torch.full_like(solved.residual, solved.iterations),
-                                   "cg_negative_curvature": solved.negative_curvature,
-                                   "proximal_distance": _distance(phi, params_of(self.net))}
+        return MetaGradients(solved.x, outputs, inner_curve=curve, cg_residual=solved.residual,
+                             cg_iterations=torch.full_like(solved.residual, solved.iterations),
+                             cg_negative_curvature=solved.negative_curvature,
+                             proximal_distance=_distance(phi, params_of(self.net)))
 
     def _warn_negative_curvature(self, negative: Tensor) -> None:
         """Warn once per run, the first time a task's CG system is not positive definite (also logged per step)."""
@@ -547,22 +634,23 @@ class MAML(MetaLearner):
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 5, inner_lr: float = 0.4,
                  first_order: bool = False, optimizer: OptimizerCallable = torch.optim.Adam,
                  lr_scheduler: LRSchedulerCallable | None = None, nan_policy: NanPolicy = "raise",
-                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50) -> None:
+                 task_chunk_size: int | None = None, max_skip_fraction: float = 0.5, skip_window: int = 50,
+                 backend: BackendKind = "auto") -> None:
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
-                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window, backend=backend)
         self.first_order = first_order
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> MetaGradients:
         loss_fn = loss_for(episode.query_y)
         theta = params_of(self.net)
         if self.first_order:  # g_i = grad L_i^test(phi_i): no graph through the inner loop
-            phi = inner_solve(self.net, loss_fn, theta, episode.support_x, episode.support_y, lam=0.0,
+            phi = inner_solve(self.backend, loss_fn, theta, episode.support_x, episode.support_y, lam=0.0,
                               inner_steps=self.inner_steps, inner_lr=self.inner_lr)[0]
-            grads, _, outputs = task_grads_and_outputs(self.net, loss_fn, phi, episode.query_x, episode.query_y)
-            return grads, outputs, {}
-        grads, losses, outputs = maml_meta_grads(self.net, loss_fn, theta, (episode.support_x, episode.support_y),
-                                                 (episode.query_x, episode.query_y), self.inner_steps, self.inner_lr)
-        return grads, outputs, {"query_losses": losses}
+            grads, _, outputs = self.backend.grads_and_outputs(loss_fn, phi, episode.query_x, episode.query_y)
+            return MetaGradients(grads, outputs)
+        grads, _, outputs = maml_meta_grads(self.backend, loss_fn, theta, (episode.support_x, episode.support_y),
+                                            (episode.query_x, episode.query_y), self.inner_steps, self.inner_lr)
+        return MetaGradients(grads, outputs)
 
 
 class Reptile(MetaLearner):
@@ -575,17 +663,17 @@ class Reptile(MetaLearner):
     def __init__(self, net: nn.Module | None = None, inner_steps: int = 10, inner_lr: float = 0.1,
                  optimizer: OptimizerCallable = torch.optim.Adam, lr_scheduler: LRSchedulerCallable | None = None,
                  nan_policy: NanPolicy = "raise", task_chunk_size: int | None = None, max_skip_fraction: float = 0.5,
-                 skip_window: int = 50) -> None:
+                 skip_window: int = 50, backend: BackendKind = "auto") -> None:
         super().__init__(net, inner_steps, inner_lr, optimizer, lr_scheduler, nan_policy, task_chunk_size,
-                         max_skip_fraction=max_skip_fraction, skip_window=skip_window)
+                         max_skip_fraction=max_skip_fraction, skip_window=skip_window, backend=backend)
 
-    def task_meta_grads(self, episode: Episode) -> tuple[TaskParams, Tensor, dict[str, Tensor]]:
+    def task_meta_grads(self, episode: Episode) -> MetaGradients:
         theta = params_of(self.net)
-        phi, curve = inner_solve(self.net, loss_for(episode.support_y), theta, episode.support_x, episode.support_y,
+        phi, curve = inner_solve(self.backend, loss_for(episode.support_y), theta, episode.support_x, episode.support_y,
                                  lam=0.0, inner_steps=self.inner_steps, inner_lr=self.inner_lr)
         grads = {k: theta[k].detach() - phi[k] for k in phi}
-        return grads, self.predict(phi, episode.query_x).detach(), {"inner_curve": curve,
-                                                                    "proximal_distance": _distance(phi, theta)}
+        return MetaGradients(grads, self.predict(phi, episode.query_x).detach(), inner_curve=curve,
+                             proximal_distance=_distance(phi, theta))
 
 
 def _distance(phi: TaskParams, theta: Params) -> Tensor:

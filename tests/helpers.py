@@ -1,7 +1,18 @@
 """Small test doubles shared by the test modules (tests/ is on sys.path under pytest)."""
 
 import lightning as L
+import torch
+import torch.nn.functional as F
 from torch.utils.data import DataLoader
+
+
+def half_conv_error() -> str | None:
+    """Why this CPU build cannot run a float16 convolution, or None where it can."""
+    try:
+        F.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16), torch.ones(1, 1, 3, 3, dtype=torch.float16))
+    except RuntimeError as error:
+        return str(error)
+    return None
 
 
 class OneEpisode(L.LightningDataModule):

@@ -22,6 +22,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "env_steps": ["--quick", "--seconds", "0.05", *plot],
         "gpu_check": ["--device", "cpu", "--quick"],
         "integrity_cost": ["--quick"],
+        "kernels": ["--quick", *plot],
         "memory_vs_inner_steps": ["--steps", "2,3", "--maml-max-steps", "2", "--chunks", "2,8", "--chunk-steps", "2",
                                   *plot],
         "meta_throughput": ["--quick", "--phases", *plot],

@@ -8,8 +8,8 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from lit_meta import MLP, Conv4
-from lit_meta.functional import (cg, expand_to_tasks, hvp, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads,
-                                 params_of, task_grads_and_outputs, task_logits)
+from lit_meta.backends import FoldedBackend, VmapBackend, task_backend
+from lit_meta.functional import cg, expand_to_tasks, implicit_meta_grad, inner_solve, loss_for, maml_meta_grads, params_of
 
 
 
@@ -43,7 +43,7 @@ def proximal_closed_form(x, y, theta, lam):
 def test_inner_solve_reaches_the_closed_form_proximal_solution(solver, steps, lr):
     net, x, y = linear_tasks()
     lam = 2.0
-    phi, curve = inner_solve(net, loss_for(y), params_of(net), x, y, lam=lam, inner_steps=steps,
+    phi, curve = inner_solve(task_backend(net), loss_for(y), params_of(net), x, y, lam=lam, inner_steps=steps,
                              inner_lr=lr or 1.0, solver=solver, cg_steps=10)
     expected = proximal_closed_form(x, y, net.weight.detach()[0], lam)
     atol = 1e-4 if solver == "adam" else 1e-8
@@ -67,7 +67,7 @@ def test_hvp_matches_the_dense_hessian():
     x, y = torch.randn(2, 7, 2), torch.randint(0, 3, (2, 7))
     phi = expand_to_tasks(params_of(net), 2)
     v = {k: torch.randn_like(p) for k, p in phi.items()}
-    hv = hvp(net, loss_for(y), phi, x, y, v)
+    hv = task_backend(net).hvp(loss_for(y), phi, x, y, v)
     for i in range(2):
         dense = dense_hessian(net, {k: p[i] for k, p in phi.items()}, x[i], y[i])
         vec = torch.cat([v[k][i].flatten() for k in v])
@@ -93,10 +93,10 @@ def test_cg_meta_gradient_matches_the_dense_implicit_solve(lam):
     net = MLP(2, 3, hidden=(6,))
     sx, sy = torch.randn(2, 9, 2), torch.randint(0, 3, (2, 9))
     qx, qy = torch.randn(2, 9, 2), torch.randint(0, 3, (2, 9))
-    phi, _ = inner_solve(net, loss_for(sy), params_of(net), sx, sy, lam=lam, inner_steps=20, inner_lr=0.1)
-    qgrad, _, _ = task_grads_and_outputs(net, loss_for(qy), phi, qx, qy)
+    phi, _ = inner_solve(task_backend(net), loss_for(sy), params_of(net), sx, sy, lam=lam, inner_steps=20, inner_lr=0.1)
+    qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(qy), phi, qx, qy)
     n_params = sum(p.numel() for p in net.parameters())
-    solved = implicit_meta_grad(net, loss_for(sy), phi, (sx, sy), qgrad, lam=lam, cg_steps=n_params, cg_tol=1e-12)
+    solved = implicit_meta_grad(task_backend(net), loss_for(sy), phi, (sx, sy), qgrad, lam=lam, cg_steps=n_params, cg_tol=1e-12)
     for i in range(2):
         h = dense_hessian(net, {k: p[i] for k, p in phi.items()}, sx[i], sy[i])
         b = torch.cat([qgrad[k][i].flatten() for k in qgrad])
@@ -120,8 +120,8 @@ def test_implicit_gradient_equals_finite_differences_of_the_exact_proximal_solut
     fd = torch.stack([(query_loss_at_solution(theta + eps * e) - query_loss_at_solution(theta - eps * e)) / (2 * eps)
                       for e in torch.eye(3)])
     phi = {"weight": proximal_closed_form(x, y, theta, lam).view(1, 1, 3)}
-    qgrad, _, _ = task_grads_and_outputs(net, loss_for(qy), phi, qx, qy)
-    solved = implicit_meta_grad(net, loss_for(y), phi, (x, y), qgrad, lam=lam, cg_steps=3, cg_tol=0.0)
+    qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(qy), phi, qx, qy)
+    solved = implicit_meta_grad(task_backend(net), loss_for(y), phi, (x, y), qgrad, lam=lam, cg_steps=3, cg_tol=0.0)
     assert torch.allclose(solved.x["weight"][0, 0], fd, atol=1e-7)
 
 
@@ -132,9 +132,9 @@ def test_batched_meta_gradient_equals_a_per_task_loop():
     qx, qy = torch.rand(4, 9, 1, 28, 28), torch.randint(0, 3, (4, 9))
 
     def meta_grad(s_x, s_y, q_x, q_y):
-        phi, _ = inner_solve(net, loss_for(s_y), params_of(net), s_x, s_y, lam=2.0, inner_steps=3, inner_lr=0.1)
-        qgrad, _, _ = task_grads_and_outputs(net, loss_for(q_y), phi, q_x, q_y)
-        return implicit_meta_grad(net, loss_for(s_y), phi, (s_x, s_y), qgrad, lam=2.0, cg_steps=4, cg_tol=0.0).x
+        phi, _ = inner_solve(task_backend(net), loss_for(s_y), params_of(net), s_x, s_y, lam=2.0, inner_steps=3, inner_lr=0.1)
+        qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(q_y), phi, q_x, q_y)
+        return implicit_meta_grad(task_backend(net), loss_for(s_y), phi, (s_x, s_y), qgrad, lam=2.0, cg_steps=4, cg_tol=0.0).x
 
     batched = meta_grad(sx, sy, qx, qy)
     for i in range(4):
@@ -170,7 +170,7 @@ def test_maml_second_order_gradient_equals_a_manual_unroll(pool):
     """Conv4's all-tasks unroll (forward_tasks, our kernels) against a per-task unroll of the plain nn.Module."""
     net, (sx, sy), (qx, qy) = conv_episode(n_tasks=3, hidden=6, pool=pool)
     theta = params_of(net)
-    grads, _, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
+    grads, _, _ = maml_meta_grads(task_backend(net), loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
     reference = manual_maml_grad(net, theta, sx, sy, qx, qy, 2, 0.3)
     for k in theta:  # sum over tasks of the per-task gradients == gradient of the summed objective
         assert torch.allclose(grads[k].sum(0), reference[k], rtol=1e-5, atol=1e-10), k
@@ -179,11 +179,11 @@ def test_maml_second_order_gradient_equals_a_manual_unroll(pool):
 def test_maml_gradient_through_batchnorm_matches_finite_differences():
     net, (sx, sy), (qx, qy) = conv_episode(n_tasks=1, hidden=4)
     theta = params_of(net)
-    grads, losses, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
+    grads, losses, _ = maml_meta_grads(task_backend(net), loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)
 
     def objective(delta):
         shifted = {k: v.detach() + (delta if k == "head.weight" else 0) for k, v in theta.items()}
-        return maml_meta_grads(net, loss_for(sy), shifted, (sx, sy), (qx, qy), 2, 0.3)[1][0]
+        return maml_meta_grads(task_backend(net), loss_for(sy), shifted, (sx, sy), (qx, qy), 2, 0.3)[1][0]
 
     eps = 1e-6
     for idx in [(0, 0), (1, 3), (2, 1)]:
@@ -200,7 +200,7 @@ def test_maml_second_order_gradient_equals_learn2learn():
     sx, sy = torch.randn(2, 6, 2), torch.randint(0, 3, (2, 6))
     qx, qy = torch.randn(2, 6, 2), torch.randint(0, 3, (2, 6))
     theta = params_of(net)
-    grads, _, _ = maml_meta_grads(net, loss_for(sy), theta, (sx, sy), (qx, qy), 3, 0.5)
+    grads, _, _ = maml_meta_grads(task_backend(net), loss_for(sy), theta, (sx, sy), (qx, qy), 3, 0.5)
     ours = [g.sum(0) for g in grads.values()]
     maml = l2l.algorithms.MAML(net, lr=0.5, first_order=False)
     for p in net.parameters():
@@ -214,94 +214,60 @@ def test_maml_second_order_gradient_equals_learn2learn():
         assert torch.allclose(mine, p.grad, rtol=1e-5, atol=1e-10)
 
 
-class Wrapped(nn.Module):
-    """The same Conv4 seen as an arbitrary module (no ``forward_tasks``): the generic ``vmap`` path."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.net = net
-
-    def forward(self, x):
-        return self.net(x)
-
-
 @pytest.mark.parametrize("pool, norm", [("stride", "batch"), ("max", "batch"), ("max", "group"), ("stride", "none"),
                                         ("max", "none")])
-def test_conv4_all_tasks_forward_equals_the_generic_vmap_path(pool, norm):
+def test_conv4_folded_backend_equals_the_vmap_backend(pool, norm):
+    """The same Conv4 through both backends: its own all-tasks forward (FoldedBackend, our kernels, plain autograd)
+    against functional_call under vmap (VmapBackend), outputs, gradients, HVPs, MAML and a whole iMAML step."""
     torch.manual_seed(0)
     net = Conv4(out_features=3, hidden=4, pool=pool, norm=norm)
     with torch.no_grad():  # norm scales of both signs: the max-pool blocks' rewrite flips the channels with gamma < 0
         for m in net.modules():
             if isinstance(m, (nn.BatchNorm2d, nn.GroupNorm)):
                 m.weight.copy_(torch.tensor([1.5, -0.7, 0.3, -1.2]))
-    generic = Wrapped(net)
+    folded, vmapped = task_backend(net), VmapBackend(net)
+    assert isinstance(folded, FoldedBackend) and isinstance(task_backend(net, "vmap"), VmapBackend)
     sx, sy = torch.rand(3, 4, 1, 14, 14), torch.randint(0, 3, (3, 4))
     qx, qy = torch.rand(3, 5, 1, 14, 14), torch.randint(0, 3, (3, 5))
     theta = params_of(net)
     phi = {k: v + 0.1 * torch.randn_like(v) for k, v in expand_to_tasks(theta, 3).items()}
     v = {k: torch.randn_like(p) for k, p in phi.items()}
-    wrap = lambda d: {f"net.{k}": t for k, t in d.items()}  # noqa: E731
-    unwrap = lambda d: {k[len("net."):]: t for k, t in d.items()}  # noqa: E731
 
     def close(a, b):
         for k in b:
             assert torch.allclose(a[k], b[k], rtol=1e-9, atol=1e-12), k
 
-    assert torch.allclose(task_logits(net, phi, qx), task_logits(generic, wrap(phi), qx), atol=1e-12)
-    fast, generic_out = task_grads_and_outputs(net, loss_for(qy), phi, qx, qy), \
-        task_grads_and_outputs(generic, loss_for(qy), wrap(phi), qx, qy)
-    close(fast[0], unwrap(generic_out[0]))
-    assert torch.allclose(fast[1], generic_out[1]) and torch.allclose(fast[2], generic_out[2])
-    close(hvp(net, loss_for(sy), phi, sx, sy, v), unwrap(hvp(generic, loss_for(sy), wrap(phi), sx, sy, wrap(v))))
+    assert torch.allclose(folded.outputs(phi, qx), vmapped.outputs(phi, qx), atol=1e-12)
+    fast, slow = folded.grads_and_outputs(loss_for(qy), phi, qx, qy), vmapped.grads_and_outputs(loss_for(qy), phi, qx, qy)
+    close(fast[0], slow[0])
+    assert torch.allclose(fast[1], slow[1]) and torch.allclose(fast[2], slow[2])
+    assert torch.allclose(folded.losses(loss_for(qy), phi, qx, qy), slow[1])
+    close(folded.hvp(loss_for(sy), phi, sx, sy, v), vmapped.hvp(loss_for(sy), phi, sx, sy, v))
+    if norm != "batch":  # MAML through BatchNorm under vmap: tested against finite differences above, in float64
+        close(maml_meta_grads(folded, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)[0],
+              maml_meta_grads(vmapped, loss_for(sy), theta, (sx, sy), (qx, qy), 2, 0.3)[0])
 
-    def meta_grad(model, th):  # inner solve -> query gradient -> CG, as IMAML.task_meta_grads
-        p, curve = inner_solve(model, loss_for(sy), th, sx, sy, lam=2.0, inner_steps=3, inner_lr=0.1)
-        qgrad, _, _ = task_grads_and_outputs(model, loss_for(qy), p, qx, qy)
-        return implicit_meta_grad(model, loss_for(sy), p, (sx, sy), qgrad, lam=2.0, cg_steps=3, cg_tol=0.0).x, curve
+    def meta_grad(backend):  # inner solve -> query gradient -> CG, as IMAML.task_meta_grads
+        p, curve = inner_solve(backend, loss_for(sy), theta, sx, sy, lam=2.0, inner_steps=3, inner_lr=0.1)
+        qgrad, _, _ = backend.grads_and_outputs(loss_for(qy), p, qx, qy)
+        return implicit_meta_grad(backend, loss_for(sy), p, (sx, sy), qgrad, lam=2.0, cg_steps=3, cg_tol=0.0).x, curve
 
-    (g_fast, c_fast), (g_generic, c_generic) = meta_grad(net, theta), meta_grad(generic, params_of(generic))
-    close(g_fast, unwrap(g_generic))
-    assert torch.allclose(c_fast, c_generic)
-
-
-def test_channel_stats_match_var_mean_with_first_second_and_forward_mode_derivatives():
-    """The max-pool blocks' BatchNorm statistics (one pass of sums, hand-written backward and jvp) against
-    ``torch.var_mean`` and finite differences, float64, including the double backward Hessian products use."""
-    from lit_meta.nets import _ChannelStats
-
-    torch.manual_seed(0)
-    x = (torch.randn(3, 4, 5, 5) * 2 + 1).requires_grad_()
-    mean, var = _ChannelStats.apply(x)
-    ref_var, ref_mean = torch.var_mean(x, dim=(0, 2, 3), correction=0)
-    assert torch.allclose(mean, ref_mean, atol=1e-13) and torch.allclose(var, ref_var, atol=1e-13)
-    assert torch.autograd.gradcheck(_ChannelStats.apply, (x,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(_ChannelStats.apply, (x,))
-    # float32, |mean| = 1000 std: E[x^2] - E[x]^2 would lose the variance to cancellation; two passes keep it
-    x32 = torch.randn(8, 4, 6, 6, dtype=torch.float32) + 1000.0
-    _, var32 = _ChannelStats.apply(x32)
-    assert torch.allclose(var32, torch.var_mean(x32.double(), dim=(0, 2, 3), correction=0)[0].float(), rtol=1e-4)
+    (g_fast, c_fast), (g_slow, c_slow) = meta_grad(folded), meta_grad(vmapped)
+    close(g_fast, g_slow)
+    assert torch.allclose(c_fast, c_slow)
 
 
-@pytest.mark.parametrize("stride, size", [(1, 4), (2, 5)])
-def test_grouped_conv_derivatives_of_every_order_match_finite_differences(stride, size):
-    """Conv4's task-folded convolution (hand-written double backward: grouped kernels instead of torch's
-    one-convolution-per-group loop) against F.conv2d and finite differences, float64: first and second order in
-    both modes (Hessian-vector products, forward-over-reverse), and the backward's own derivatives (third order)."""
-    from lit_meta.nets import _GroupedConv, _GroupedConvBackward
-
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, size, size, requires_grad=True)
-    w, b = torch.randn(4, 2, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
-    conv = lambda x, w, b: _GroupedConv.apply(x, w, b, (stride, stride), (1, 1), 2)  # noqa: E731
-    assert torch.allclose(conv(x, w, b), F.conv2d(x, w, b, stride=stride, padding=1, groups=2), atol=1e-13)
-    assert torch.autograd.gradcheck(conv, (x, w, b), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(conv, (x, w, b), check_fwd_over_rev=True)
-    assert torch.autograd.gradgradcheck(lambda w, b: conv(x.detach(), w, b), (w, b))  # data input: no d/dx
-    g = torch.randn_like(conv(x, w, b)).requires_grad_()
-    backward = lambda g, x, w: _GroupedConvBackward.apply(g, x, w, (stride, stride), (1, 1), 2,  # noqa: E731
-                                                          (True, True, True))
-    assert torch.autograd.gradcheck(backward, (g, x, w), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(backward, (g, x, w))
+def test_task_backend_choice_and_errors():
+    """The backend is chosen once, by an explicit interface: folded for a FoldedNet, vmap otherwise; a bad choice
+    is a ValueError that says what to do."""
+    assert isinstance(task_backend(MLP(2, 2)), VmapBackend) and isinstance(task_backend(Conv4()), FoldedBackend)
+    with pytest.raises(ValueError, match="needs a lit_meta.backends.FoldedNet.*use backend='vmap'"):
+        task_backend(MLP(2, 2), "folded")
+    with pytest.raises(ValueError, match="backend='jit' is not one of"):
+        task_backend(MLP(2, 2), "jit")
+    from lit_meta import IMAML
+    assert isinstance(IMAML(Conv4(), backend="vmap").backend, VmapBackend)
+    assert isinstance(IMAML(Conv4()).backend, FoldedBackend)
 
 
 def test_conv4_hessian_vector_products_forward_over_reverse_equal_reverse_over_reverse():
@@ -316,87 +282,6 @@ def test_conv4_hessian_vector_products_forward_over_reverse_equal_reverse_over_r
     sx, sy = torch.rand(2, 4, 1, 14, 14), torch.randint(0, 3, (2, 4))
     summed = lambda p: F.cross_entropy(net.forward_tasks(p, sx).flatten(0, 1), sy.flatten(), reduction="sum")  # noqa: E731
     forward_mode = jvp(grad(summed), (phi,), (v,))[1]
-    reverse = hvp(net, F.cross_entropy, phi, sx, sy, v)
+    reverse = task_backend(net).hvp(F.cross_entropy, phi, sx, sy, v)
     for k in phi:  # hvp differentiates the per-task mean losses: 4 examples per task
         assert torch.allclose(forward_mode[k], 4 * reverse[k], rtol=1e-8, atol=1e-11), k
-
-
-@pytest.mark.parametrize("height, width", [(6, 6), (7, 5), (3, 3), (1, 2)])
-def test_max_pool_equals_aten_with_ties_and_its_derivatives(height, width):
-    """Conv4's 2 x 2 max-pool against F.max_pool2d(ceil_mode=True): values and indices on maps full of ties (the
-    first maximum of a window wins, as aten), odd sizes (ceil mode), then gradients, double backward, forward mode."""
-    from lit_meta.nets import _MaxPool2x2
-
-    torch.manual_seed(0)
-    x = torch.randint(-2, 3, (3, 4, height, width)).double()  # few distinct values: many ties
-    out, index = _MaxPool2x2.apply(x)
-    ref_out, ref_index = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
-    assert torch.equal(out, ref_out) and torch.equal(index, ref_index)
-    g = torch.randn_like(out)
-    x.requires_grad_()
-    ours = torch.autograd.grad(_MaxPool2x2.apply(x)[0], x, g)[0]
-    assert torch.equal(ours, torch.autograd.grad(F.max_pool2d(x, 2, ceil_mode=True), x, g)[0])  # ties routed alike
-    xs = torch.randn(2, 3, height, width, requires_grad=True)  # distinct values: differentiable
-    pool = lambda t: _MaxPool2x2.apply(t)[0]  # noqa: E731
-    assert torch.autograd.gradcheck(pool, (xs,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(pool, (xs,), check_fwd_over_rev=True)
-
-
-@pytest.mark.parametrize("height, width", [(6, 6), (7, 5)])
-def test_pooled_stats_equal_max_pool_and_channel_stats_with_their_derivatives(height, width):
-    """The max-pool blocks' fused pooling + statistics (one buffer for d/dx in the first-order backward) against the two
-    Functions it fuses: the same values and indices, gradients equal to the last bit on maps full of ties (both
-    first-order paths: grad mode off in the backward), then finite differences in float64 to second order (the
-    create_graph path) and forward mode."""
-    from lit_meta.nets import _ChannelStats, _MaxPool2x2, _PooledStats
-
-    torch.manual_seed(0)
-    x = torch.randint(-2, 3, (3, 4, height, width)).double().requires_grad_()  # many ties
-    pooled, index, mean, var = _PooledStats.apply(x)
-    ref_pooled, ref_index = _MaxPool2x2.apply(x)
-    ref_mean, ref_var = _ChannelStats.apply(x)
-    assert torch.equal(pooled, ref_pooled) and torch.equal(index, ref_index)
-    assert torch.equal(mean, ref_mean) and torch.equal(var, ref_var)
-    g, g_mean, g_var = torch.randn_like(pooled), torch.randn_like(mean), torch.randn_like(var)
-    fused = torch.autograd.grad((pooled * g).sum() + (mean * g_mean).sum() + (var * g_var).sum(), x)[0]
-    composed = torch.autograd.grad((ref_pooled * g).sum() + (ref_mean * g_mean).sum() + (ref_var * g_var).sum(), x)[0]
-    assert torch.allclose(fused, composed, rtol=0, atol=1e-15)
-    xs = (torch.randn(2, 3, height, width) + 2).requires_grad_()  # distinct values: differentiable
-    outputs = lambda t: tuple(o for i, o in enumerate(_PooledStats.apply(t)) if i != 1)  # noqa: E731
-    assert torch.autograd.gradcheck(outputs, (xs,), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(outputs, (xs,), check_fwd_over_rev=True)
-
-
-def test_max_pool_indices_stay_in_their_window_when_the_map_has_nan():
-    """A NaN in the map (a diverged step) must not turn into an index outside the map, which the backward would
-    write through: NaN values come out as aten's, and every index points into its own 2 x 2 window."""
-    from lit_meta.nets import _MaxPool2x2
-
-    x = torch.randn(2, 3, 6, 5)
-    x[0, 1, 2, 3] = float("nan")
-    x[1, 2, 0, 0] = float("nan")
-    out, index = _MaxPool2x2.apply(x)
-    assert torch.equal(out.isnan(), F.max_pool2d(x, 2, ceil_mode=True).isnan())
-    rows, cols = index // 5, index % 5
-    assert torch.equal(rows // 2, torch.arange(3)[:, None].expand(3, 3).expand_as(rows))
-    assert torch.equal(cols // 2, torch.arange(3)[None, :].expand(3, 3).expand_as(cols))
-    torch.autograd.grad(_MaxPool2x2.apply(x.requires_grad_())[0].sum(), x)  # runs
-
-
-def test_batch_norm_equals_aten_with_derivatives_of_every_order():
-    """Conv4's training-mode BatchNorm (aten's kernels to first order, written-out backward under create_graph)
-    against F.batch_norm and finite differences, float64: first, second and third order, forward mode and
-    forward-over-reverse, a map with a large mean."""
-    from lit_meta.nets import _batch_norm
-
-    torch.manual_seed(0)
-    x = (torch.randn(3, 4, 5, 5) * 2 + 3).requires_grad_()
-    gamma, beta = torch.tensor([1.5, -0.7, 0.3, -1.2], requires_grad=True), torch.randn(4, requires_grad=True)
-    bn = lambda x, gamma, beta: _batch_norm(x, gamma, beta, 1e-5)  # noqa: E731
-    assert torch.allclose(bn(x, gamma, beta), F.batch_norm(x, None, None, gamma, beta, training=True, eps=1e-5),
-                          atol=1e-13)
-    assert torch.autograd.gradcheck(bn, (x, gamma, beta), check_forward_ad=True)
-    assert torch.autograd.gradgradcheck(bn, (x, gamma, beta), check_fwd_over_rev=True)
-    g = torch.randn(3, 4, 5, 5)  # third order: the written-out backward's own double backward
-    assert torch.autograd.gradgradcheck(
-        lambda x, gamma: torch.autograd.grad(bn(x, gamma, beta), (x, gamma), g, create_graph=True), (x, gamma))

@@ -9,7 +9,8 @@ from helpers import OneEpisode
 from lit_meta import Conv4, Episode, FineTune, MLP, check_functional
 from lit_meta.datamodules import SinusoidDataModule
 from lit_meta.episode import to_float
-from lit_meta.functional import inner_solve, loss_for, params_of, task_logits
+from lit_meta.backends import task_backend
+from lit_meta.functional import inner_solve, loss_for, params_of
 
 
 def loop_inner_gd(net, theta, x, y, steps, lr, lam):
@@ -33,7 +34,7 @@ def test_batched_inner_gd_matches_a_per_task_loop_classification(lam):
     net = Conv4(out_features=3, hidden=8).double()
     x, y = torch.rand(4, 6, 1, 28, 28, dtype=torch.float64), torch.randint(0, 3, (4, 6))
     theta = params_of(net)
-    batched = inner_solve(net, loss_for(y), theta, x, y, inner_steps=3, inner_lr=0.1, lam=lam)[0]
+    batched = inner_solve(task_backend(net), loss_for(y), theta, x, y, inner_steps=3, inner_lr=0.1, lam=lam)[0]
     looped = loop_inner_gd(net, theta, x, y, 3, 0.1, lam)
     for k in theta:
         assert torch.allclose(batched[k], looped[k], rtol=0, atol=1e-12), k
@@ -49,7 +50,7 @@ def test_inner_gd_closed_form_on_a_quadratic():
     x = torch.ones(3, 4, 1)
     y = c[:, None, None].expand(3, 4, 1)
     lam, lr, n = 0.5, 0.1, 7
-    phi = inner_solve(net, loss_for(y), params_of(net), x, y, inner_steps=n, inner_lr=lr, lam=lam)[0]
+    phi = inner_solve(task_backend(net), loss_for(y), params_of(net), x, y, inner_steps=n, inner_lr=lr, lam=lam)[0]
     w_star = (2 * c + lam * 0.5) / (2 + lam)
     expected = w_star + (0.5 - w_star) * (1 - lr * (2 + lam)) ** n
     assert torch.allclose(phi["weight"][:, 0, 0], expected, atol=1e-6)
@@ -63,7 +64,7 @@ def test_fine_tuning_lowers_the_support_loss_on_sinusoids():
     support = []
     for steps in (0, 50):
         phi = FineTune(net, inner_steps=steps, inner_lr=0.02).adapt(ep.support_x, ep.support_y)
-        support.append(nn.functional.mse_loss(task_logits(net, phi, ep.support_x), ep.support_y).item())
+        support.append(nn.functional.mse_loss(task_backend(net).outputs(phi, ep.support_x), ep.support_y).item())
     assert support[1] < 0.8 * support[0]
 
 

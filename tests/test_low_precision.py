@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import half_conv_error
+
 from lit_meta import Conv4
-from lit_meta.functional import (expand_to_tasks, hvp, loss_for, params_of, per_task_loss, task_grads_and_outputs,
-                                 task_logits)
-from lit_meta.nets import _GroupedConv, _grouped_conv, _MaxPool2x2, _PooledStats
+from lit_meta.backends import task_backend
+from lit_meta.functional import expand_to_tasks, loss_for, params_of, per_task_loss
 
 LOW = pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
 # mode: (dtype of the weights and inputs, autocast on)
@@ -23,15 +24,6 @@ MODES = {"bf16": (torch.bfloat16, False), "fp16": (torch.float16, False), "autoc
 # error floor relative to the largest |truth| of a kind of quantity, 8 units in the last place, on top of twice the
 # generic paths' own error (a parameter whose exact derivative is 0 has only rounding noise to compare)
 FLOOR = {torch.bfloat16: 2 ** -5, torch.float16: 2 ** -8}
-
-
-def half_conv_error() -> str | None:
-    """Why this CPU build cannot run a float16 convolution, or None where it can."""
-    try:
-        F.conv2d(torch.ones(1, 1, 3, 3, dtype=torch.float16), torch.ones(1, 1, 3, 3, dtype=torch.float16))
-    except RuntimeError as error:
-        return str(error)
-    return None
 
 
 class Wrapped(nn.Module):
@@ -43,56 +35,6 @@ class Wrapped(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
-
-
-@LOW
-@pytest.mark.parametrize("height, width", [(48, 50), (47, 45)])
-def test_max_pool_indices_are_exact_in_low_precision(dtype, height, width):
-    """Indices above 256 (bfloat16) or 2048 (float16) are not representable in the map's dtype: the pooling's
-    indices, values and gradients must still equal aten's, on maps full of ties, for both Functions that pool."""
-    torch.manual_seed(0)
-    x = torch.randint(-2, 3, (2, 3, height, width)).to(dtype)  # few distinct values: many ties
-    ref_out, ref_index = F.max_pool2d(x, 2, ceil_mode=True, return_indices=True)
-    assert ref_index.max() > 2048
-    for pooled, index in (_MaxPool2x2.apply(x), _PooledStats.apply(x)[:2]):
-        assert index.dtype == torch.int64
-        assert torch.equal(pooled, ref_out) and torch.equal(index, ref_index)
-    g = torch.randn_like(ref_out)
-    x.requires_grad_()
-    ref = torch.autograd.grad(F.max_pool2d(x, 2, ceil_mode=True), x, g)[0]
-    assert torch.equal(torch.autograd.grad(_MaxPool2x2.apply(x)[0], x, g)[0], ref)
-    t = torch.randn_like(x)  # forward mode: the tangent at each window's maximum
-    tangent = torch.func.jvp(lambda z: _MaxPool2x2.apply(z)[0], (x.detach(),), (t,))[1]
-    assert torch.equal(tangent, t.flatten(-2).gather(-1, ref_index.flatten(-2)).view_as(ref_index))
-
-
-@LOW
-def test_grouped_conv_under_autocast_runs_in_one_dtype_to_every_order(dtype):
-    """The task-folded convolution under autocast: Conv4's wrapper casts as autocast casts F.conv2d (the same output
-    dtype, values, first and second derivatives as F.conv2d under autocast); the Function called alone computes in
-    its operands' dtype (float32 here) in the forward and every derivative, as F.conv2d without autocast."""
-    if dtype == torch.float16 and (reason := half_conv_error()):
-        pytest.skip(f"no float16 convolution on this CPU: {reason}")
-    torch.manual_seed(0)
-    x = torch.randn(2, 4, 6, 6, requires_grad=True)
-    w, b = torch.randn(4, 2, 3, 3, requires_grad=True), torch.randn(4, requires_grad=True)
-    g = torch.randn(2, 4, 6, 6)
-    conv = nn.Conv2d(4, 4, 3, padding=1, groups=2)
-
-    def derivatives(f, autocast: bool) -> list[torch.Tensor]:
-        with torch.autocast("cpu", dtype=dtype, enabled=autocast):
-            y = f()
-            grads = torch.autograd.grad((y * g).sum(), (x, w, b), create_graph=True)
-            second = torch.autograd.grad(sum((d * d).sum() for d in grads[:2]), (x, w))
-        return [y, *grads, *second]
-
-    reference = lambda: F.conv2d(x, w, b, padding=1, groups=2)  # noqa: E731
-    for ours, ref in [(derivatives(lambda: _grouped_conv(x, w, b, conv, 2), True), derivatives(reference, True)),
-                      (derivatives(lambda: _GroupedConv.apply(x, w, b, (1, 1), (1, 1), 2), True),
-                       derivatives(reference, False))]:
-        for a, r in zip(ours, ref):
-            assert a.dtype == r.dtype
-            assert (a.double() - r.double()).abs().max() <= FLOOR[dtype] / 2 * r.double().abs().max()
 
 
 def episode(mode: str, pool: str, norm: str, size: int = 48):
@@ -119,9 +61,9 @@ def quantities(net: nn.Module, phi: dict, v: dict, x: torch.Tensor, y: torch.Ten
     products by forward-over-reverse (``jvp`` of ``grad``: the custom Functions' forward-mode rules), "jvp ..."."""
     add = lambda d: {prefix + k: t for k, t in d.items()}  # noqa: E731
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        logits = task_logits(net, add(phi), x)
-        grads, _, _ = task_grads_and_outputs(net, loss_for(y), add(phi), x, y)
-        products = hvp(net, loss_for(y), add(phi), x, y, add(v))
+        logits = task_backend(net).outputs(add(phi), x)
+        grads, _, _ = task_backend(net).grads_and_outputs(loss_for(y), add(phi), x, y)
+        products = task_backend(net).hvp(loss_for(y), add(phi), x, y, add(v))
         if hasattr(net, "forward_tasks"):
             summed = lambda p: per_task_loss(loss_for(y), net.forward_tasks(p, x), y).sum()  # noqa: E731
             forward_mode = torch.func.jvp(torch.func.grad(summed), (phi,), (v,))[1]

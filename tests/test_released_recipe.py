@@ -14,7 +14,8 @@ from torch import nn
 
 from helpers import OneEpisode
 from lit_meta import IMAML, MLP, Conv4, Episode
-from lit_meta.functional import cg, implicit_meta_grad, inner_solve, loss_for, params_of, task_grads_and_outputs
+from lit_meta.backends import task_backend
+from lit_meta.functional import cg, implicit_meta_grad, inner_solve, loss_for, params_of
 
 REPO = Path(__file__).resolve().parents[1]
 RELEASED = dict(inner_objective="plain_then_pullback", regu_coef=1.0, lam_damping=10.0, eval_adaptation="plain")
@@ -128,15 +129,16 @@ def test_defaults_are_the_papers_algorithm():
     sx, qx = (torch.randn(2, 9, 2, generator=g, dtype=torch.float64) for _ in range(2))
     sy, qy = torch.randint(0, 3, (2, 9), generator=g), torch.randint(0, 3, (2, 9), generator=g)
     ep = Episode(sx, sy, qx, qy)
-    grads, _, info = model.task_meta_grads(ep)
+    result = model.task_meta_grads(ep)
+    grads = result.grads
     theta = params_of(model.net)
-    phi, _ = inner_solve(model.net, loss_for(sy), theta, sx, sy, lam=10.0, inner_steps=20, inner_lr=0.1)
-    qgrad, _, _ = task_grads_and_outputs(model.net, loss_for(qy), phi, qx, qy)
+    phi, _ = inner_solve(model.backend, loss_for(sy), theta, sx, sy, lam=10.0, inner_steps=20, inner_lr=0.1)
+    qgrad, _, _ = model.backend.grads_and_outputs(loss_for(qy), phi, qx, qy)
     for i in range(2):
         h = dense_hessian(model.net, {k: p[i] for k, p in phi.items()}, sx[i], sy[i])
         exact = torch.linalg.solve(torch.eye(len(h), dtype=h.dtype) + h / 10.0, flat(v[i] for v in qgrad.values()))
         assert torch.allclose(flat(v[i] for v in grads.values()), exact, atol=1e-10)
-    assert not info["cg_negative_curvature"].any()
+    assert not result.cg_negative_curvature.any()
     adapted = model.adapt(sx, sy)
     assert all(torch.equal(adapted[k], phi[k]) for k in phi)  # evaluation adapts with the proximal inner solve
 
@@ -147,8 +149,8 @@ def test_eval_adaptation_plain_is_plain_gd_and_as_training_follows_the_inner_obj
     g = torch.Generator().manual_seed(0)
     sx, sy = torch.randn(3, 9, 2, generator=g, dtype=torch.float64), torch.randint(0, 3, (3, 9), generator=g)
     theta = params_of(net)
-    plain, _ = inner_solve(net, loss_for(sy), theta, sx, sy, lam=0.0, inner_steps=4, inner_lr=0.1)
-    pulled, _ = inner_solve(net, loss_for(sy), theta, sx, sy, lam=2.0, inner_steps=4, inner_lr=0.1,
+    plain, _ = inner_solve(task_backend(net), loss_for(sy), theta, sx, sy, lam=0.0, inner_steps=4, inner_lr=0.1)
+    pulled, _ = inner_solve(task_backend(net), loss_for(sy), theta, sx, sy, lam=2.0, inner_steps=4, inner_lr=0.1,
                             objective="plain_then_pullback")
     for k in plain:  # the pull-back keeps 1 - inner_lr lam = 0.8 of the plain steps' move
         assert torch.allclose(pulled[k], theta[k] + 0.8 * (plain[k] - theta[k]), atol=1e-14)
@@ -189,12 +191,12 @@ def test_indefinite_implicit_system_is_counted_and_the_damped_one_is_not():
     net = Bilinear()
     ep = bilinear_episode(n_tasks=2)
     phi = {k: v.detach().expand(2, *v.shape).clone() for k, v in params_of(net).items()}
-    qgrad, _, _ = task_grads_and_outputs(net, loss_for(ep.query_y), phi, ep.query_x, ep.query_y)
+    qgrad, _, _ = task_backend(net).grads_and_outputs(loss_for(ep.query_y), phi, ep.query_x, ep.query_y)
     h = dense_hessian(net, {k: v[0] for k, v in phi.items()}, ep.support_x[0], ep.support_y[0])
     assert torch.linalg.eigvalsh(h).min() < -1.0  # an eigenvalue below -lam: I + H/lam is indefinite
     support = (ep.support_x, ep.support_y)
-    paper = implicit_meta_grad(net, loss_for(ep.support_y), phi, support, qgrad, lam=1.0, cg_steps=2)
-    damped = implicit_meta_grad(net, loss_for(ep.support_y), phi, support, qgrad, lam=1.0, cg_steps=2,
+    paper = implicit_meta_grad(task_backend(net), loss_for(ep.support_y), phi, support, qgrad, lam=1.0, cg_steps=2)
+    damped = implicit_meta_grad(task_backend(net), loss_for(ep.support_y), phi, support, qgrad, lam=1.0, cg_steps=2,
                                 regu_coef=1.0, lam_damping=10.0)
     assert paper.negative_curvature.sum() == 2 and damped.negative_curvature.sum() == 0
 
@@ -231,9 +233,9 @@ def test_inner_solve_refuses_a_bad_objective():
     net = MLP(2, 3, hidden=(4,))
     x, y = torch.randn(2, 5, 2), torch.randint(0, 3, (2, 5))
     with pytest.raises(ValueError, match=r"inner_objective='prox' is not one of"):
-        inner_solve(net, loss_for(y), params_of(net), x, y, lam=1.0, inner_steps=1, inner_lr=0.1, objective="prox")
+        inner_solve(task_backend(net), loss_for(y), params_of(net), x, y, lam=1.0, inner_steps=1, inner_lr=0.1, objective="prox")
     with pytest.raises(ValueError, match=r"needs inner_solver='gd', not 'hessian_free'"):
-        inner_solve(net, loss_for(y), params_of(net), x, y, lam=1.0, inner_steps=1, inner_lr=0.1,
+        inner_solve(task_backend(net), loss_for(y), params_of(net), x, y, lam=1.0, inner_steps=1, inner_lr=0.1,
                     solver="hessian_free", objective="plain_then_pullback")
 
 

@@ -41,7 +41,7 @@ def test_grbal_second_order_meta_gradient_equals_an_autograd_unroll():
     window = Window(*(torch.randn(3, n, d, dtype=torch.float64) for n, d in
                       ((4, 2), (4, 1), (4, 2), (5, 2), (5, 1), (5, 2))))
     episode = model.normalizer.episode(window)
-    grads = model.task_meta_grads(episode)[0]
+    grads = model.task_meta_grads(episode).grads
     theta = dict(model.net.named_parameters())
     for task in range(3):
         phi = dict(theta)

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor
 
 from lit_meta.episode import Window
-from lit_meta.functional import broadcast_to_tasks, mse_loss, params_of, per_task_loss
+from lit_meta.functional import mse_loss, per_task_loss
 from lit_meta.rl import planners
 from lit_meta.rl.buffer import Rollout, RolloutBuffer
 from lit_meta.rl.collect import RolloutCollector
@@ -131,11 +131,11 @@ def check_mpc(mpc: Mapping[str, Any] | None, where: str = "model.init_args.mpc")
 
 def adapted_params(learner, n: int, past_obs: Tensor | None = None, past_action: Tensor | None = None,
                    past_next_obs: Tensor | None = None) -> dict[str, Tensor]:
-    """Weights ``[n, ...]`` of a dynamics learner adapted on ``n`` sets of past transitions ``[n, M, ...]``
-    (Nagabandi et al. 2019, Alg. 2 line 5: GrBAL's inner update, ReBAL's hidden state), detached; the
-    meta-learned weights for every row when ``past_obs`` is None."""
+    """The per-row state ``[n, ...]`` of a dynamics learner adapted on ``n`` sets of past transitions ``[n, M, ...]``
+    (Nagabandi et al. 2019, Alg. 2 line 5: GrBAL's adapted weights, ReBAL's hidden state), detached; the learner's
+    state before adaptation (``learner.unadapted(n)``) when ``past_obs`` is None."""
     if past_obs is None:
-        return broadcast_to_tasks(params_of(learner.net), n)
+        return learner.unadapted(n)
     norm = learner.normalizer
     with torch.enable_grad():
         params = learner.adapt(norm.inputs(past_obs, past_action), norm.targets(past_obs, past_next_obs))
@@ -261,7 +261,7 @@ def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future
     for starts in buffer.starts.split(chunk_size):
         window = Window(*(t.to(learner.device) for t in buffer.windows(starts, past_window)))
         episode = learner.normalizer.episode(window)
-        theta = broadcast_to_tasks(params_of(learner.net), episode.n_tasks)
+        theta = learner.unadapted(episode.n_tasks)
         with torch.enable_grad():
             phi = {k: v.detach() for k, v in learner.adapt(episode.support_x, episode.support_y).items()}
         with torch.no_grad():

@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from lit_meta.episode import Episode, Transitions, Window
 from lit_meta.functional import InnerObjective, TaskParams, per_task_loss, mse_loss
-from lit_meta.learners import IMAML, MAML, EpisodicLearner, EvalAdaptation, NanPolicy
+from lit_meta.learners import IMAML, MAML, AdaptiveLearner, EvalAdaptation, NanPolicy
 from lit_meta.nets import MLP
 from lit_meta.rl.control import check_mpc
 from lit_meta.rl.dynamics import Normalizer
@@ -49,7 +49,8 @@ class DynamicsLearner:
         action_dim: action size (HalfCheetah: 6).
         exclude_obs_dims: observation indices left out of the model input (default ``[0]``, the x position).
         aggregate_every_n_epochs: collect a new round of rollouts with :meth:`policy` at the start of every
-            n-th epoch (not epoch 0); 0 never. Default 1.
+            n-th epoch (not epoch 0); 0 never. Default 1. Each round logs ``rollout/planner_ms_per_step`` (mean ms
+            of one adapt + plan call for all envs) and ``rollout/n_nonfinite`` (candidates with non-finite predictions).
         mpc: arguments of the :class:`~lit_meta.rl.control.MPCController` that collects those rollouts
             (``planner``, ``horizon``, ``n_candidates``, ``planner_kwargs``, ``adapt``, ``seed``). Default: random
             shooting, 500 candidates, horizon 10 (paper). Checked when the learner is built
@@ -70,7 +71,6 @@ class DynamicsLearner:
         self.aggregate_every_n_epochs = aggregate_every_n_epochs
         self.mpc = dict(mpc or {})
         self._stats_round = -1
-        self.last_rollout_stats: dict[str, float] | None = None
 
     @staticmethod
     def _in_features(obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int]) -> int:
@@ -121,9 +121,10 @@ class DynamicsLearner:
         if n and epoch > 0 and epoch % n == 0 and hasattr(datamodule, "aggregate") and datamodule.round <= epoch // n:
             controller = self.policy()
             datamodule.aggregate(controller)
-            # read by callbacks (lit_meta.callbacks.DynamicsMonitor): this round's planner cost and NaN candidates
-            self.last_rollout_stats = {"planner_ms_per_step": getattr(controller, "ms_per_step", math.nan),
-                                       "n_nonfinite": float(getattr(controller, "n_nonfinite", 0)), "epoch": epoch}
+            # this round's planner cost (ms of one adapt + plan call for all envs) and non-finite candidates
+            self.log("rollout/planner_ms_per_step", float(controller.ms_per_step), on_step=False, on_epoch=True,
+                     batch_size=1)
+            self.log("rollout/n_nonfinite", float(controller.n_nonfinite), on_step=False, on_epoch=True, batch_size=1)
 
     def policy(self) -> Callable[[np.ndarray], np.ndarray]:
         """The controller that collects the next round of rollouts: online adaptation + MPC with this model."""
@@ -194,30 +195,46 @@ class ImplicitGrBAL(DynamicsLearner, IMAML):
         self._init_dynamics(obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc)
 
 
-class SupervisedDynamics(DynamicsLearner, EpisodicLearner):
-    """Base of the learners trained by plain backpropagation of the prediction loss (MB-MPC, ReBAL)."""
+class SupervisedDynamics(DynamicsLearner, AdaptiveLearner):
+    """Base of the learners trained by plain backpropagation of the prediction loss (MB-MPC, PETS, ReBAL): no inner
+    loop; :meth:`adapt` adapts nothing unless a subclass says otherwise (ReBAL: the recurrent state)."""
 
     def __init__(self, net: nn.Module, obs_dim: int, action_dim: int, exclude_obs_dims: Sequence[int],
                  aggregate_every_n_epochs: int, mpc: dict[str, Any] | None, optimizer: OptimizerCallable) -> None:
-        super().__init__(net, inner_steps=0, inner_lr=1.0)
+        super().__init__(net)
         self._init_dynamics(obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc)
         self.optimizer_factory = optimizer
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory(self.net.parameters())
 
+    def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        """No adaptation (the default; ReBAL adapts its hidden state): the trained weights for every task."""
+        return self.unadapted(support_x.shape[0])
+
     def training_loss(self, batch: Episode | Transitions) -> Tensor:
+        """The prediction loss a training step minimises."""
         raise NotImplementedError
 
+    def training_losses(self, batch: Episode | Transitions) -> dict[str, Tensor]:
+        """``loss``, what a training step minimises, and what it logs: ``train/query_loss`` (``query_loss``, the
+        prediction MSE; default the loss itself) and ``train/<key>`` for any other key."""
+        return {"loss": self.training_loss(batch)}
+
     def training_step(self, batch: Episode | Transitions, batch_idx: int) -> Tensor:
-        loss = self.training_loss(batch)
+        out = self.training_losses(batch)
+        loss = out["loss"]
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()}: lower the learning rate")
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)  # through DDP's reducer: every rank applies the same update
         optimizer.step()
-        self.log("train/query_loss", loss.detach(), prog_bar=True, batch_size=len(batch[0]))
+        n = len(batch[0])
+        self.log("train/query_loss", out.get("query_loss", loss).detach(), prog_bar=True, batch_size=n)
+        for key, value in out.items():
+            if key not in ("loss", "query_loss"):
+                self.log(f"train/{key}", value.detach(), batch_size=n)
         return loss
 
 
@@ -294,12 +311,17 @@ class ReBAL(SupervisedDynamics):
         super().__init__(net, obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs, mpc, optimizer)
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
+        """The GRU's hidden state ``{"h": [T, hidden]}`` after reading the M past (input, change) pairs."""
         return {"h": self.net.encode(support_x, support_y)}
 
-    def predict(self, params: TaskParams, x: Tensor) -> Tensor:
-        if "h" not in params:  # the un-adapted model: zero hidden state
-            params = {"h": x.new_zeros(x.shape[0], self.net.hidden)}
-        return self.net(params["h"], x)
+    def unadapted(self, n_tasks: int) -> TaskParams:
+        """Before adaptation: a zero hidden state."""
+        weight = next(self.net.parameters())
+        return {"h": weight.new_zeros(n_tasks, self.net.hidden)}
+
+    def predict(self, state: TaskParams, x: Tensor) -> Tensor:
+        """Predicted normalised changes ``[T, B, obs_dim]`` given the hidden states ``state["h"]``."""
+        return self.net(state["h"], x)
 
     def training_loss(self, batch: Episode) -> Tensor:
         if not isinstance(batch, Episode):
