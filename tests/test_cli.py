@@ -146,3 +146,28 @@ def test_a_python_built_module_reloads_with_its_net(tmp_path):
     loaded = lit_meta.IMAML.load_from_checkpoint(ckpt, net=lit_meta.MLP(hidden=(4,)))
     assert loaded.lam == 3.0
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+def test_fit_ends_with_a_summary_of_metrics_checkpoints_and_commands(capsys, caplog):
+    """train.py fit answers: headline metrics with their CIs, where the checkpoints and logs are, how to resume and
+    test; known third-party noise is gone, a real warning still shows."""
+    import logging
+    import warnings
+
+    caplog.set_level(logging.INFO)
+    config = str(REPO / "configs" / "imaml_sinusoid.yaml")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        main(["fit", "--config", config, "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+              "--trainer.limit_val_batches", "2", "--model.init_args.net.init_args.hidden", "[8]"])
+        warnings.warn("a real warning")
+    out = capsys.readouterr().out
+    assert "lit-meta: fit finished after" in out
+    assert "val/query_loss" in out and "(95% CI)" in out  # the sinusoid has no accuracy: its loss with its CI
+    assert "checkpoints: " in out and "last: last.ckpt" in out and "logs:" in out
+    assert f"resume:      python train.py fit --config {config}" in out and "--ckpt_path last" in out
+    assert "test:        python train.py test --config" in out
+    messages = [str(w.message) for w in caught]
+    assert "a real warning" in messages
+    assert not any("LeafSpec" in m or "overridden `on_after_batch_transfer`" in m for m in messages), messages
+    assert "Seed set to" in caplog.text and "litlogger" not in caplog.text  # Lightning's info lines stay, the advert goes
