@@ -15,7 +15,7 @@ test-split tasks:
     python benchmarks/model_quality.py --quick CKPT          # smoke: 1 episode of 30 steps, 50 candidates
 
 The learner class is read from the checkpoint's file name prefix (``grbal_``, ``igrbal_``, ``rebal_``,
-``mbmpc_``) or given with ``--learner``. Prints one table; ``--json`` also writes the figures.
+``mbmpc_``, ``pets_``) or given with ``--learner``. Prints one table; ``--json`` also writes the figures.
 """
 
 from __future__ import annotations
@@ -32,12 +32,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 
-from lit_meta.rl import GrBAL, ImplicitGrBAL, MBMPC, MPCController, ReBAL, RolloutCollector, TrueDynamics  # noqa: E402
+from lit_meta.rl import (PETS, GrBAL, ImplicitGrBAL, MBMPC, MPCController, ReBAL, RolloutCollector,  # noqa: E402
+                         TrueDynamics)
 from lit_meta.rl.control import env_reward_fns  # noqa: E402
 from lit_meta.rl.diagnostics import RankingProbe, open_loop_errors  # noqa: E402
 
 DEFAULT_ENV = "lit_meta/HalfCheetahCrippledJoint-v0"
-LEARNERS = {"igrbal": ImplicitGrBAL, "grbal": GrBAL, "rebal": ReBAL, "mbmpc": MBMPC}
+LEARNERS = {"igrbal": ImplicitGrBAL, "grbal": GrBAL, "rebal": ReBAL, "mbmpc": MBMPC, "pets": PETS}
+#: learners that never adapt: probed without adaptation only
+NON_ADAPTIVE = ("mbmpc", "pets")
 
 
 def load(path: str, name: str | None):
@@ -108,7 +111,7 @@ def main() -> None:
         else:
             name, model, env_id = "mbmpc", MBMPC().eval(), args.env_id or DEFAULT_ENV
         for behaviour in args.behaviours:
-            for adapt in ([True, False] if name != "mbmpc" else [False]):
+            for adapt in ([True, False] if name not in NON_ADAPTIVE else [False]):
                 row = {"checkpoint": Path(path).name, "learner": name, "env_id": env_id,
                        **probe(model, env_id, args, behaviour, adapt)}
                 rows.append(row)

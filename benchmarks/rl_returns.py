@@ -4,7 +4,9 @@ For each env and method: meta-train with the method's config (``configs/{method}
 data budget for all: the same random rollouts, aggregation rounds and rollout lengths), then run
 ``--episodes`` test-split episodes (tasks unseen in training) with online adaptation + MPC and report
 mean return +- 95% CI, the model's K-step prediction error without and with adaptation (normalised
-state change, on the episodes' own windows), and the environment steps each method consumed. Two
+state change, on the episodes' own windows), and the environment steps each method consumed. ``pets`` (PETS's
+probabilistic ensemble, :class:`lit_meta.rl.PETS`) is a second non-adaptive baseline next to ``mbmpc``; a method
+without a config for an env is skipped for it (so far only ``configs/pets_halfcheetah_crippled.yaml``). Two
 reference arms need no training: ``true`` (the same planner with the true MuJoCo dynamics,
 :class:`lit_meta.rl.TrueDynamics`: the upper bound) and ``random`` (uniform random actions).
 
@@ -42,7 +44,9 @@ from lit_meta.rl import RolloutCollector, TrueDynamics, evaluate  # noqa: E402
 from lit_meta.rl.control import return_stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-METHODS = ("grbal", "rebal", "mbmpc")
+METHODS = ("grbal", "rebal", "mbmpc", "pets")
+#: the learners that never adapt: evaluated without adaptation only
+NON_ADAPTIVE = ("mbmpc", "pets")
 #: the reference arms: the same planner on the true MuJoCo dynamics (upper bound), and uniform random actions
 REFERENCES = ("true", "random")
 ENVS = ("halfcheetah_crippled", "ant_crippled", "halfcheetah_pier")
@@ -102,7 +106,7 @@ def run(method: str, env: str, args) -> dict:
            **({"n_candidates": args.eval_candidates} if args.eval_candidates else {})}
     length = 100 if args.quick else args.episode_length
     rows = {}
-    for adapt in ([True, False] if method != "mbmpc" else [False]):
+    for adapt in ([True, False] if method not in NON_ADAPTIVE else [False]):
         start = time.perf_counter()
         result = evaluate(model, data.env_id, "test", episodes=args.episodes, episode_length=length,
                           env_kwargs=data.env_kwargs, n_envs=min(args.episodes, 5), past_window=data.past_window,
@@ -170,7 +174,12 @@ def main() -> None:
     else:
         results = {}
         for env in args.envs:
-            results[env] = {m: run(m, env, args) for m in args.methods}
+            results[env] = {}
+            for m in args.methods:
+                if m not in REFERENCES and not (REPO / "configs" / f"{m}_{env}.yaml").is_file():
+                    print(f"{env} {m}: skipped, no configs/{m}_{env}.yaml", flush=True)
+                    continue
+                results[env][m] = run(m, env, args)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
     print(f"{'env':<22} {'method':<8} {'adapt':<5} {'return':>18} {'pred err pre':>13} {'post':>8} "
@@ -198,7 +207,7 @@ def main() -> None:
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 if arm in r:
-                    labels.append(method + ("" if arm == "adapt" or method == "mbmpc" else "\n(no adapt)"))
+                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE else "\n(no adapt)"))
                     means.append(r[arm]["mean_return"])
                     cis.append(r[arm]["ci95"])
         ax.bar(range(len(labels)), means, yerr=cis, capsize=3)
