@@ -100,9 +100,11 @@ class LitMetaCLI(LightningCLI):
 
     def _print_summary(self, subcommand: str) -> None:
         """What the run ended with: its headline metrics (with their 95% CIs), where the checkpoints and logs are,
-        and the commands that resume and test it (global rank 0)."""
+        and the commands that resume and test it (printed by global rank 0; built on every rank: ``trainer.log_dir``
+        is a collective under DDP)."""
+        text = run_summary(self.trainer, subcommand, self._command(subcommand))
         if self.trainer.is_global_zero:
-            print(run_summary(self.trainer, subcommand, self._command(subcommand)), flush=True)
+            print(text, flush=True)
 
     def _command(self, subcommand: str) -> list[str]:
         """This run's command line with ``subcommand`` first and without ``--ckpt_path``."""
@@ -166,7 +168,9 @@ def quiet_known_noise() -> None:
     """Silence :data:`KNOWN_NOISE` and Lightning's litlogger tip; every other warning and log line stays."""
     for message in KNOWN_NOISE:
         warnings.filterwarnings("ignore", message=message)
+    # the unified package's loggers and the standalone pytorch_lightning / lightning_fabric ones (both may be installed)
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "pytorch_lightning.utilities.rank_zero", "lightning_fabric.utilities.rank_zero",
                  "lightning_utilities.core.rank_zero"):
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropAdvert) for f in logger.filters):
