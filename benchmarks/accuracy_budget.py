@@ -1,6 +1,8 @@
-"""Held-out accuracy at an equal meta-training budget: iMAML-GD (the paper's algorithm), iMAML-released (the
-authors' released code's recipe), iMAML-HF, MAML, FOMAML, Reptile and the fine-tune baseline on the Omniglot data we
-have, over one or more seeds.
+"""Held-out accuracy at an equal meta-training budget: iMAML-GD, iMAML-released, iMAML-HF, MAML, FOMAML, Reptile
+and the fine-tune baseline on the Omniglot data we have, over one or more seeds, with an optional learning curve.
+
+``iMAML-GD`` and ``iMAML-released`` both run the authors' released recipe (the iMAML configs' setting, see
+docs/accuracy_budget.md); ``iMAML-HF`` runs the paper's proximal system with Hessian-free inner steps.
 
 Each method runs its own config (``configs/{imaml,imaml_hf,maml,fomaml,reptile}_omniglot_5w1s.yaml``, iMAML-released:
 ``configs/imaml_omniglot_5w1s_released.yaml``, their inner-loop settings as they are; fine-tune:
@@ -22,6 +24,13 @@ seed's CI says nothing of the spread between seeds). The json and the plot hold 
     python benchmarks/accuracy_budget.py --full             # 2,000 x 16 tasks, Conv-4 64 ch (hours on a CPU)
     python benchmarks/accuracy_budget.py --ways 20 --shots 1
     python benchmarks/accuracy_budget.py --methods iMAML-GD iMAML-released MAML --hidden 64 --seeds 0 1 2
+    python benchmarks/accuracy_budget.py --methods iMAML-GD MAML FOMAML --hidden 64 --steps 2500 \
+        --curve-every 250 --save-dir runs/budget            # 20,000 tasks, held-out curve, checkpoints kept
+
+Learning curve (``--curve-every N``): every N meta-updates, the post-adaptation accuracy on ``--curve-episodes``
+fixed episodes of the validation alphabet (never trained on, never tested on), mean +- 95% CI; plotted against
+meta-training tasks (``docs/accuracy_budget_curve.png`` by default). ``--save-dir``: each run's config and final
+checkpoint stay there, with the ``train.py test`` command that re-measures the checkpoint.
 
 Data: the minimal Omniglot background splits ($LIT_META_DATA/omniglot, default ../shared/data/omniglot), 242
 characters, not the paper's 1,623; state that beside the paper's figures. Writes docs/accuracy_budget.png
@@ -43,6 +52,8 @@ import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
+
+from lightning.pytorch.callbacks import Callback  # noqa: E402
 
 from lit_meta.allocator import keep_freed_memory  # noqa: E402
 from lit_meta.cli import main as cli_main  # noqa: E402
@@ -66,6 +77,9 @@ def config_for(method: str, args, tmp: Path, seed: int) -> Path:
     trainer.pop("val_check_interval", None)
     if method != "fine-tune":  # FineTune takes no optimizer steps: it is only tested
         trainer.update(max_steps=args.steps, check_val_every_n_epoch=1)
+        if args.curve_every:  # held-out points every curve_every meta-updates, curve_episodes // 20 batches of 20
+            trainer.update(val_check_interval=args.curve_every, check_val_every_n_epoch=None,
+                           limit_val_batches=args.curve_episodes // 20)
     model = config["model"]["init_args"]
     model["net"]["init_args"].update(hidden=args.hidden, out_features=args.ways)
     data = config["data"]["init_args"]
@@ -78,17 +92,40 @@ def config_for(method: str, args, tmp: Path, seed: int) -> Path:
     return path
 
 
+class LearningCurve(Callback):
+    """Records ``(meta-training tasks, val/query_acc, its 95% CI)`` after every validation run of a fit."""
+
+    def __init__(self, meta_batch: int) -> None:
+        self.meta_batch, self.points = meta_batch, []
+
+    def on_validation_end(self, trainer, pl_module) -> None:  # after the learner logged the epoch
+        if trainer.sanity_checking:
+            return
+        metrics = trainer.callback_metrics
+        self.points.append([trainer.global_step * self.meta_batch, float(metrics["val/query_acc"]),
+                            float(metrics["val/query_acc_ci95"])])
+
+
 def run(method: str, args, tmp: Path, seed: int) -> dict:
-    cli = cli_main(["--config", str(config_for(method, args, tmp, seed))], run=False)
+    folder = args.save_dir or tmp
+    config = config_for(method, args, folder, seed)
+    cli = cli_main(["--config", str(config)], run=False)
+    curve = LearningCurve(args.meta_batch)
+    cli.trainer.callbacks.append(curve)
     start = time.perf_counter()
     if method != "fine-tune":
         cli.trainer.fit(cli.model, cli.datamodule)
     train_s = time.perf_counter() - start
     start = time.perf_counter()
     metrics = cli.trainer.test(cli.model, cli.datamodule, verbose=False)[0]
-    return {"seed": seed, "acc": metrics["test/query_acc"], "ci95": metrics["test/query_acc_ci95"],
-            "pre_acc": metrics.get("test/pre_query_acc", float("nan")), "train_s": train_s,
-            "test_s": time.perf_counter() - start}
+    result = {"seed": seed, "acc": metrics["test/query_acc"], "ci95": metrics["test/query_acc_ci95"],
+              "pre_acc": metrics.get("test/pre_query_acc", float("nan")), "train_s": train_s,
+              "test_s": time.perf_counter() - start, "curve": curve.points}
+    if args.save_dir:
+        checkpoint = config.with_suffix(".ckpt")
+        cli.trainer.save_checkpoint(checkpoint)
+        result["test_command"] = f"python train.py test --config {config} --ckpt_path {checkpoint}"
+    return result
 
 
 def summary(runs: list[dict]) -> dict:
@@ -127,6 +164,11 @@ def main() -> None:
     parser.add_argument("--meta-batch", type=int, default=8)
     parser.add_argument("--hidden", type=int, default=32, help="Conv-4 channels (the paper's: 64)")
     parser.add_argument("--episodes", type=int, default=600, help="test episodes (multiple of 20)")
+    parser.add_argument("--curve-every", type=int, default=0,
+                        help="meta-updates between held-out (validation alphabet) points of the learning curve; 0: none")
+    parser.add_argument("--curve-episodes", type=int, default=200, help="episodes per curve point (multiple of 20)")
+    parser.add_argument("--save-dir", type=Path, default=None, help="keep each run's config and final checkpoint here")
+    parser.add_argument("--curve-plot", type=Path, default=REPO / "docs" / "accuracy_budget_curve.png")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--full", action="store_true")
@@ -139,6 +181,13 @@ def main() -> None:
         args.steps, args.meta_batch, args.hidden = 2000, 16, 64
     if len(set(args.seeds)) != len(args.seeds):
         parser.error(f"--seeds {' '.join(map(str, args.seeds))} repeats a seed")
+    if args.curve_every < 0 or args.curve_every > args.steps:
+        parser.error(f"--curve-every {args.curve_every} must be between 0 (no curve) and --steps {args.steps}")
+    if args.curve_episodes < 20 or args.curve_episodes % 20:
+        parser.error(f"--curve-episodes {args.curve_episodes} must be a positive multiple of 20 (the eval batch)")
+    if args.save_dir:
+        args.save_dir = args.save_dir.resolve()
+        args.save_dir.mkdir(parents=True, exist_ok=True)
     if args.threads:
         torch.set_num_threads(args.threads)
     import logging
@@ -157,6 +206,11 @@ def main() -> None:
                 write_json(args, runs)  # after every run: a long multi-seed run killed midway keeps what it measured
                 print(f"{method} seed {seed}: {100 * r['acc']:.2f} +- {100 * r['ci95']:.2f} (pre "
                       f"{100 * r['pre_acc']:.2f}), train {r['train_s']:.0f} s, test {r['test_s']:.0f} s", flush=True)
+                if r["curve"]:
+                    print("  held-out curve (tasks: acc %): " + ", ".join(
+                        f"{t:,}: {100 * a:.1f}" for t, a, _ in r["curve"]), flush=True)
+                if "test_command" in r:
+                    print(f"  re-test the checkpoint: {r['test_command']}", flush=True)
     stats = {method: summary(rs) for method, rs in runs.items()}
     paper = PAPER.get((args.ways, args.shots), {})
     tasks = {method: meta_training_tasks(method, args) for method in runs}
@@ -202,6 +256,37 @@ def main() -> None:
     plot = args.plot if not args.quick else Path(tempfile.gettempdir()) / "accuracy_budget_quick.png"
     fig.savefig(plot, dpi=100)
     print(f"plot: {plot}")
+    if args.curve_every:
+        plot_curve(args, runs, plt)
+
+
+def plot_curve(args, runs: dict[str, list[dict]], plt) -> None:
+    """Held-out (validation alphabet) accuracy against meta-training tasks, one line per run, shaded 95% CI; the
+    final test accuracy as a marker at the end."""
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, (method, rs) in enumerate(runs.items()):
+        color = f"C{i}"
+        for j, r in enumerate(rs):
+            if not r["curve"]:
+                continue
+            tasks = [t for t, _, _ in r["curve"]]
+            acc = torch.tensor([100 * a for _, a, _ in r["curve"]])
+            ci = torch.tensor([100 * c for _, _, c in r["curve"]])
+            ax.plot(tasks, acc, "-o", ms=3, color=color, label=method if j == 0 else None)
+            ax.fill_between(tasks, acc - ci, acc + ci, color=color, alpha=0.2)
+            ax.errorbar([tasks[-1]], [100 * r["acc"]], yerr=[100 * r["ci95"]], fmt="s", color=color, ms=5,
+                        capsize=3, mfc="none")
+    ax.set_xlabel("meta-training tasks")
+    ax.set_ylabel("held-out accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(f"Omniglot (minimal) {args.ways}w{args.shots}s, Conv-4 {args.hidden} ch, meta-batch "
+                 f"{args.meta_batch}: validation alphabet, {args.curve_episodes} episodes per point (line, 95% CI); "
+                 f"\nsquare: the test alphabets, {args.episodes} episodes, after the last step", fontsize=7)
+    fig.tight_layout()
+    plot = args.curve_plot if not args.quick else Path(tempfile.gettempdir()) / "accuracy_budget_curve_quick.png"
+    fig.savefig(plot, dpi=100)
+    print(f"curve plot: {plot}")
 
 
 if __name__ == "__main__":
