@@ -5,7 +5,10 @@
     python train.py --print_config fit --config configs/baseline_omniglot.yaml
 """
 
-from lit_meta.cli import main
+from lit_meta.cli import main, release_process_group
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    finally:
+        release_process_group()

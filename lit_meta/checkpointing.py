@@ -20,14 +20,18 @@ import json
 import logging
 import os
 import random
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
+import torch.distributed as dist
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lit_meta.datamodules.files import atomic_torch_save, torch_file_problem
 
@@ -196,21 +200,51 @@ def last_checkpoint_path(trainer: L.Trainer) -> Path:
 
 
 class PreemptionCheckpoint(Callback):
-    """On SIGTERM (what clusters send before preemption) save ``last.ckpt`` after the current training step, then
-    let Lightning stop the run cleanly (exit status 0, loggers closed). Resume with ``--ckpt_path last``.
+    """On SIGTERM (what clusters send before preemption) save ``last.ckpt`` after the current training step on
+    every rank, then stop the run cleanly (exit status 0, loggers closed). Resume with ``--ckpt_path last``.
 
-    Lightning notes the signal (its SIGTERM handler) and stops after the step; this callback adds the checkpoint.
-    Under DDP every rank takes part in the save (Lightning broadcasts the signal), rank 0 writes.
+    The signal may reach any subset of the processes: all of them (SLURM's preemption), or one node only (a
+    node drained, one ``torchrun`` agent stopped). From the first training batch on, this callback's SIGTERM
+    handler only sets :attr:`signal_received` on the process it reached (Lightning's own handler broadcasts from
+    inside the handler, a collective the other ranks are not in: with the signal on a rank other than 0 the job
+    hangs); at the end of every training step the ranks agree with one max all-reduce of that flag, and if any
+    rank was signalled all of them save the same checkpoint and stop at the same step. When Lightning launched the
+    local processes itself (``devices > 1`` without a cluster launcher), the signal is passed on to them, as
+    Lightning does.
     """
+
+    def __init__(self) -> None:
+        self.signal_received = False
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # Lightning registers its handler just before the loop starts; replace it for the training loop (Lightning's
+        # teardown restores the handlers of before the run)
+        self.signal_received = False
+        launcher = trainer.strategy.launcher
+
+        def flag_only(signum: int, frame: Any) -> None:
+            if not self.signal_received and launcher is not None:
+                launcher.kill(signum)
+            self.signal_received = True
+
+        if threading.current_thread() is threading.main_thread():  # signals are only delivered to the main thread
+            signal.signal(signal.SIGTERM, flag_only)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        if trainer.received_sigterm:  # Lightning raises right after this hook: one save per run
-            path = last_checkpoint_path(trainer)
-            trainer.save_checkpoint(path)
-            if trainer.is_global_zero:
-                log.warning("SIGTERM received: saved %s at step %d; the run stops now. Resume with "
-                            "`train.py fit ... --ckpt_path last` (or ckpt_path=%r)", path, trainer.global_step, str(path))
+        stop = self.signal_received or trainer.received_sigterm  # the latter: a signal before the first batch
+        if trainer.world_size > 1 and dist.is_available() and dist.is_initialized():  # was any rank signalled?
+            flag = torch.tensor([float(stop)], device=trainer.strategy.root_device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)  # every rank, every step
+            stop = flag.item() > 0
+        if not stop:
+            return
+        path = last_checkpoint_path(trainer)
+        trainer.save_checkpoint(path)
+        if trainer.is_global_zero:
+            log.warning("SIGTERM received: saved %s at step %d; the run stops now. Resume with "
+                        "`train.py fit ... --ckpt_path last` (or ckpt_path=%r)", path, trainer.global_step, str(path))
+        raise SIGTERMException  # a SystemExit: Lightning's own way to stop on SIGTERM (on_exception, loggers closed)
 
 
 class RNGStateCheckpoint(Callback):

@@ -20,6 +20,7 @@ import warnings
 from pathlib import Path
 
 import lightning as L
+import torch
 from lightning.fabric.plugins.io.torch_io import TorchCheckpointIO
 from lightning.pytorch.cli import LightningCLI
 
@@ -175,6 +176,15 @@ def quiet_known_noise() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropAdvert) for f in logger.filters):
             logger.addFilter(_DropAdvert())
+
+
+def release_process_group() -> None:
+    """Destroy the default process group, if any, when the run is over (``train.py`` calls it on every rank, also
+    after a SIGTERM stop): each rank closes its connections itself instead of at interpreter exit, where gloo's
+    teardown racing the other ranks' aborted the process (SIGABRT, "terminate called without an active exception")
+    after a successful run."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
 
 
 def main(args: list[str] | None = None, run: bool = True) -> LightningCLI:

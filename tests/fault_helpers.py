@@ -7,11 +7,15 @@ from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
 
+from lit_meta.checkpointing import PreemptionCheckpoint
+
 
 class PauseAt(Callback):
-    """At global step ``step``: write ``marker`` and wait (up to a minute) for the test to signal this process.
+    """At global step ``step``: write ``marker`` (and ``marker.rank{global rank}``) and wait, up to a minute, for this
+    process to be signalled (the :class:`~lit_meta.checkpointing.PreemptionCheckpoint` flag; then it also writes
+    ``marker.signalled.rank{global rank}``) or for a file ``marker.go`` (a rank the test does not signal).
 
-    Returns early once Lightning has noted a SIGTERM, so the run's own SIGTERM handling goes on from here.
+    Returns early in both cases, so the run's own SIGTERM handling goes on from here.
     """
 
     def __init__(self, step: int, marker: str) -> None:
@@ -20,9 +24,17 @@ class PauseAt(Callback):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step != self.step:
             return
-        Path(self.marker).write_text(f"{trainer.global_step} {trainer.current_epoch} {batch_idx}")
+        preemption = next(c for c in trainer.callbacks if isinstance(c, PreemptionCheckpoint))
+        rank = trainer.global_rank
+        for path in (self.marker, f"{self.marker}.rank{rank}"):
+            Path(path).write_text(f"{trainer.global_step} {trainer.current_epoch} {batch_idx}")
         deadline = time.monotonic() + 60
-        while time.monotonic() < deadline and not trainer.received_sigterm:
+        while time.monotonic() < deadline:
+            if preemption.signal_received:
+                Path(f"{self.marker}.signalled.rank{rank}").write_text("")
+                return
+            if Path(f"{self.marker}.go").exists():
+                return
             time.sleep(0.05)
 
 
