@@ -83,6 +83,14 @@ class AdaptiveLearner(L.LightningModule):
         self._n_way: int | None = None
         self._outputs_checked = False
 
+    def _logging_this_step(self) -> bool:
+        """Whether the loggers record this training step (``trainer.log_every_n_steps``); True outside a Trainer.
+        Call it after the step's optimizer step (see :func:`logging_this_step`)."""
+        try:
+            return logging_this_step(self.trainer)
+        except RuntimeError:  # not attached to a Trainer
+            return True
+
     def _save_config(self) -> None:
         """Keep the constructor's arguments (of the most derived class) in the checkpoint.
 
@@ -397,13 +405,6 @@ class MetaLearner(EpisodicLearner):
         if self.nan_policy == "skip":
             self.log("train/skipped_tasks", (~finite).sum().float(), reduce_fx="sum", batch_size=batch.n_tasks)
         return out
-
-    def _logging_this_step(self) -> bool:
-        """Whether the loggers record this training step (``trainer.log_every_n_steps``); True outside a Trainer."""
-        try:
-            return logging_this_step(self.trainer)
-        except RuntimeError:  # not attached to a Trainer
-            return True
 
     def meta_update(self, grad_sum: Params, finite: Tensor) -> Tensor:
         """theta.grad = mean over this step's finite tasks of ALL ranks, then one outer optimizer step; returns

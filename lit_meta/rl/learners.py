@@ -217,24 +217,30 @@ class SupervisedDynamics(DynamicsLearner, AdaptiveLearner):
         raise NotImplementedError
 
     def training_losses(self, batch: Episode | Transitions) -> dict[str, Tensor]:
-        """``loss``, what a training step minimises, and what it logs: ``train/query_loss`` (``query_loss``, the
-        prediction MSE; default the loss itself) and ``train/<key>`` for any other key."""
-        return {"loss": self.training_loss(batch)}
+        """``loss``, what a training step minimises, and what every step logs as ``train/<key>`` for the other
+        keys, at no extra cost. Default: ``query_loss`` (``train/query_loss``, the prediction MSE) is the loss."""
+        loss = self.training_loss(batch)
+        return {"loss": loss, "query_loss": loss}
+
+    def logged_losses(self, batch: Episode | Transitions) -> dict[str, Tensor]:
+        """Metrics that cost an extra forward pass, logged as ``train/<key>`` only on the steps the loggers record
+        (after the step's update, without gradients). Default: none."""
+        return {}
 
     def training_step(self, batch: Episode | Transitions, batch_idx: int) -> Tensor:
         out = self.training_losses(batch)
-        loss = out["loss"]
+        loss = out.pop("loss")
         if not torch.isfinite(loss):
             raise FloatingPointError(f"the training loss is {loss.item()}: lower the learning rate")
         optimizer = self.optimizers()
         optimizer.zero_grad()
         self.manual_backward(loss)  # through DDP's reducer: every rank applies the same update
         optimizer.step()
-        n = len(batch[0])
-        self.log("train/query_loss", out.get("query_loss", loss).detach(), prog_bar=True, batch_size=n)
+        if self._logging_this_step():
+            with torch.no_grad():
+                out.update(self.logged_losses(batch))
         for key, value in out.items():
-            if key not in ("loss", "query_loss"):
-                self.log(f"train/{key}", value.detach(), batch_size=n)
+            self.log(f"train/{key}", value.detach(), prog_bar=key == "query_loss", batch_size=len(batch[0]))
         return loss
 
 
