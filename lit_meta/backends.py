@@ -49,6 +49,21 @@ BackendKind = Literal["auto", "vmap", "folded"]
 BACKEND_KINDS = ("auto", "vmap", "folded")
 
 
+def params_of(net: nn.Module) -> Params:
+    """The trainable parameters of ``net`` as a dict (the tensors themselves, so gradients reach them)."""
+    return {name: p for name, p in net.named_parameters() if p.requires_grad}
+
+
+def broadcast_to_tasks(params: Params, n_tasks: int) -> TaskParams:
+    """The same ``params`` for every task, as a detached view ``[*shape] -> [T, *shape]`` (no copy: read only)."""
+    return {k: v.detach().expand(n_tasks, *v.shape) for k, v in params.items()}
+
+
+def expand_to_tasks(params: Params, n_tasks: int) -> TaskParams:
+    """One independent copy of ``params`` per task: ``[*shape] -> [T, *shape]`` (detached)."""
+    return {k: v.clone() for k, v in broadcast_to_tasks(params, n_tasks).items()}
+
+
 def per_task_loss(loss_fn: LossFn, outputs: Tensor, y: Tensor) -> Tensor:
     """Per-task mean loss ``[T]`` of outputs ``[T, B, ...]`` against y ``[T, B, ...]``."""
     return loss_fn(outputs.flatten(0, 1), y.flatten(0, 1), reduction="none").view(y.shape[0], -1).mean(1)
@@ -158,8 +173,7 @@ class VmapBackend(TaskBackend):
             out = functional_call(self.net, phi, (qx,))
             return loss_fn(out, qy), out
 
-        n_tasks = support[0].shape[0]
-        thetas = {k: v.detach().expand(n_tasks, *v.shape) for k, v in theta.items()}
+        thetas = broadcast_to_tasks(theta, support[0].shape[0])
         grads, (losses, outputs) = vmap(grad_and_value(objective, has_aux=True))(thetas, *support, *query)
         return grads, losses, outputs
 
@@ -205,9 +219,8 @@ class FoldedBackend(TaskBackend):
     def maml_meta_grads(self, loss_fn: LossFn, theta: Params, support: tuple[Tensor, Tensor],
                         query: tuple[Tensor, Tensor], inner_steps: int, inner_lr: float
                         ) -> tuple[TaskParams, Tensor, Tensor]:
-        n_tasks = support[0].shape[0]
         # one copy of theta per task: task t's query loss depends only on copy t, so d(sum)/d copy_t is task t's
-        thetas = {k: v.detach().expand(n_tasks, *v.shape).clone().requires_grad_() for k, v in theta.items()}
+        thetas = {k: v.requires_grad_() for k, v in expand_to_tasks(theta, support[0].shape[0]).items()}
         with torch.enable_grad():
             phi = thetas
             for _ in range(inner_steps):

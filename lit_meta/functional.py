@@ -29,7 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from .backends import LossFn, Params, TaskBackend, TaskParams, per_task_loss
+from .backends import (LossFn, Params, TaskBackend, TaskParams, broadcast_to_tasks,  # noqa: F401 (re-exported)
+                       expand_to_tasks, params_of, per_task_loss)
 
 InnerSolver = Literal["gd", "adam", "hessian_free"]
 INNER_SOLVERS = ("gd", "adam", "hessian_free")
@@ -47,21 +48,6 @@ def mse_loss(outputs: Tensor, target: Tensor, reduction: str = "mean") -> Tensor
 def loss_for(target: Tensor) -> LossFn:
     """Cross-entropy for integer class labels, mean squared error for real-valued targets."""
     return F.cross_entropy if not target.is_floating_point() else mse_loss
-
-
-def params_of(net: nn.Module) -> Params:
-    """The trainable parameters of ``net`` as a dict (the tensors themselves, so gradients reach them)."""
-    return {name: p for name, p in net.named_parameters() if p.requires_grad}
-
-
-def broadcast_to_tasks(params: Params, n_tasks: int) -> TaskParams:
-    """The same ``params`` for every task, as a detached view ``[*shape] -> [T, *shape]`` (no copy: read only)."""
-    return {k: v.detach().expand(n_tasks, *v.shape) for k, v in params.items()}
-
-
-def expand_to_tasks(params: Params, n_tasks: int) -> TaskParams:
-    """One independent copy of ``params`` per task: ``[*shape] -> [T, *shape]`` (detached)."""
-    return {k: v.clone() for k, v in broadcast_to_tasks(params, n_tasks).items()}
 
 
 def _dot(a: TaskParams, b: TaskParams) -> Tensor:

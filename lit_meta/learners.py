@@ -268,7 +268,7 @@ class MetaGradients:
     outputs: Tensor  #: post-adaptation query outputs ``[T, B, ...]``
     inner_curve: Tensor | None = None  #: ``[inner_steps + 1, T]``: the objective the inner steps descend, before each and at the end
     cg_residual: Tensor | None = None  #: ``[T]``: ||b - A g|| of the CG solve
-    cg_iterations: Tensor | None = None  #: ``[T]``: CG iterations run
+    cg_iterations: Tensor | None = None  #: ``[T]``: iterations of the batched CG solve the task was in (chunks differ)
     cg_negative_curvature: Tensor | None = None  #: ``[T]`` bool: the CG met p^T A p <= 0
     proximal_distance: Tensor | None = None  #: ``[T]``: ||phi_i - theta||
 
