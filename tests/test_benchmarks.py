@@ -16,7 +16,8 @@ REPO = Path(__file__).resolve().parents[1]
 def smoke_args(tmp: Path) -> dict[str, list[str]]:
     plot = ["--plot", str(tmp / "plot.png")]
     return {
-        "accuracy_budget": ["--quick", "--methods", "iMAML-GD", "MAML", "fine-tune", *plot],
+        "accuracy_budget": ["--quick", "--methods", "iMAML-GD", "MAML", "fine-tune", "--curve-every", "5",
+                            "--curve-episodes", "20", "--save-dir", str(tmp / "runs"), *plot],
         "callback_overhead": ["--quick"],
         "cg_fidelity": ["--quick", *plot],
         "env_steps": ["--quick", "--seconds", "0.05", *plot],
