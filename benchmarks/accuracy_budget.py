@@ -252,10 +252,7 @@ def main() -> None:
                  f"{args.steps * args.meta_batch} meta-training tasks, {args.episodes} test episodes, seeds "
                  f"{' '.join(map(str, args.seeds))}\nbar: mean over seeds +- {whisker} (red); dots: each seed +- its "
                  f"95% CI over episodes", fontsize=7)
-    fig.tight_layout()
-    plot = args.plot if not args.quick else Path(tempfile.gettempdir()) / "accuracy_budget_quick.png"
-    fig.savefig(plot, dpi=100)
-    print(f"plot: {plot}")
+    save_plot(fig, args, args.plot, "accuracy_budget_quick.png", "plot")
     if args.curve_every:
         plot_curve(args, runs, plt)
 
@@ -283,10 +280,15 @@ def plot_curve(args, runs: dict[str, list[dict]], plt) -> None:
     ax.set_title(f"Omniglot (minimal) {args.ways}w{args.shots}s, Conv-4 {args.hidden} ch, meta-batch "
                  f"{args.meta_batch}: validation alphabet, {args.curve_episodes} episodes per point (line, 95% CI); "
                  f"\nsquare: the test alphabets, {args.episodes} episodes, after the last step", fontsize=7)
+    save_plot(fig, args, args.curve_plot, "accuracy_budget_curve_quick.png", "curve plot")
+
+
+def save_plot(fig, args, path: Path, quick_name: str, what: str) -> None:
+    """Writes the figure to ``path`` (a ``--quick`` run: to ``quick_name`` in the temp folder, never docs/)."""
     fig.tight_layout()
-    plot = args.curve_plot if not args.quick else Path(tempfile.gettempdir()) / "accuracy_budget_curve_quick.png"
+    plot = path if not args.quick else Path(tempfile.gettempdir()) / quick_name
     fig.savefig(plot, dpi=100)
-    print(f"curve plot: {plot}")
+    print(f"{what}: {plot}")
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 
 import lit_meta.envs  # noqa: F401
 from lit_meta.rl import MBMPC, RolloutCollector, TrueDynamics, evaluate, random_shooting
-from lit_meta.rl.diagnostics import candidate_ranking, open_loop_errors, spearman
+from lit_meta.rl.diagnostics import candidate_ranking, candidate_returns, open_loop_errors, spearman
 
 CHEETAH = "lit_meta/HalfCheetahCrippledJoint-v0"
 
@@ -109,9 +109,16 @@ def test_candidate_ranking_of_the_true_model_is_perfect():
     same = candidate_ranking(true.dynamics(4), true.dynamics(4), reward_fn, o, acts)
     torch.testing.assert_close(same["spearman"], torch.ones(2, dtype=torch.float64))
     torch.testing.assert_close(same["model_bias"], torch.zeros(2))
+    torch.testing.assert_close(same["error_spread"], torch.zeros(2))
     # a model that predicts "nothing moves" ranks by control cost alone: far from the truth
     still = candidate_ranking(lambda x, a: x, true.dynamics(4), reward_fn, o, acts)
     assert (still["spearman"] < 0.9).all() and torch.isfinite(still["model_bias"]).all()
+    # the spreads by hand: std (ddof 0) over candidates of the true returns and of model - true
+    pred = candidate_returns(lambda x, a: x, reward_fn, o, acts)
+    real = candidate_returns(true.dynamics(4), reward_fn, o, acts)
+    torch.testing.assert_close(still["true_spread"], real.std(-1, correction=0))
+    torch.testing.assert_close(still["error_spread"], (pred - real).std(-1, correction=0))
+    torch.testing.assert_close(same["true_spread"], still["true_spread"])
     # planners use the same returns: random shooting on the true model picks the truly best candidate
     res = random_shooting(true.dynamics(4), reward_fn, o, horizon=4, n_candidates=30, action_low=-1.0,
                           action_high=1.0, act_dim=6, generator=torch.Generator().manual_seed(5))

@@ -102,7 +102,10 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
     :meth:`TrueDynamics.dynamics(H) <lit_meta.rl.true_dynamics.TrueDynamics.dynamics>`). Returns ``[E]``
     tensors: ``spearman`` (rank correlation of the returns), ``pick_value`` (true return of the model's best
     candidate over the truly best one's; NaN where the best true return is <= 0), ``pick_true`` /
-    ``best_true`` (those true returns), ``model_bias`` (mean over candidates of model - true return).
+    ``best_true`` (those true returns), ``model_bias`` (mean over candidates of model - true return),
+    ``true_spread`` (standard deviation of the candidates' true returns: what there is to rank) and
+    ``error_spread`` (standard deviation over candidates of model - true return: the part of the model's error
+    that reorders them; a constant bias reorders nothing). Ranking needs ``error_spread`` well below ``true_spread``.
     """
     pred = candidate_returns(model, reward_fn, obs, actions, termination_fn)
     real = candidate_returns(true, reward_fn, obs, actions, termination_fn)
@@ -110,9 +113,16 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
     pick_true, best_true = real[rows, pred.argmax(-1)], real.max(-1).values
     value = torch.where(best_true > 0, pick_true / best_true, torch.full_like(best_true, float("nan")))
     finite = torch.isfinite(pred) & torch.isfinite(real)
-    bias = torch.where(finite, pred - real, torch.zeros_like(pred)).sum(-1) / finite.sum(-1).clamp_min(1)
+    n = finite.sum(-1).clamp_min(1)
+    error = torch.where(finite, pred - real, torch.zeros_like(pred))
+    bias = error.sum(-1) / n
+
+    def spread(x: Tensor) -> Tensor:  # std over the finite candidates (ddof 0)
+        mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None]
+        return (torch.where(finite, x - mean, torch.zeros_like(x)).square().sum(-1) / n).sqrt()
+
     return {"spearman": spearman(pred, real), "pick_value": value, "pick_true": pick_true, "best_true": best_true,
-            "model_bias": bias}
+            "model_bias": bias, "true_spread": spread(real), "error_spread": spread(error)}
 
 
 class RankingProbe:
@@ -164,13 +174,13 @@ class RankingProbe:
         return action
 
     def summary(self) -> dict[str, float]:
-        """Means over every probe and env: ``spearman``, ``pick_value`` (NaNs left out), ``model_bias``, ``n``."""
+        """Means over every probe and env (NaNs left out) of ``spearman``, ``pick_value``, ``model_bias``,
+        ``true_spread``, ``error_spread``, and ``n``, the number of probes x envs."""
+        keys = ("spearman", "pick_value", "model_bias", "true_spread", "error_spread")
         if not self.records:
-            return {"spearman": float("nan"), "pick_value": float("nan"), "model_bias": float("nan"), "n": 0}
-        cat = {k: np.concatenate([np.atleast_1d(r[k]) for r in self.records]) for k in ("spearman", "pick_value",
-                                                                                          "model_bias")}
-        return {"spearman": float(np.nanmean(cat["spearman"])), "pick_value": float(np.nanmean(cat["pick_value"])),
-                "model_bias": float(np.nanmean(cat["model_bias"])), "n": int(len(cat["spearman"]))}
+            return {**{k: float("nan") for k in keys}, "n": 0}
+        cat = {k: np.concatenate([np.atleast_1d(r[k]) for r in self.records]) for k in keys}
+        return {**{k: float(np.nanmean(cat[k])) for k in keys}, "n": int(len(cat["spearman"]))}
 
 
 @torch.no_grad()
