@@ -10,5 +10,8 @@ from lit_meta.cli import main, release_process_group
 if __name__ == "__main__":
     try:
         main()
-    finally:
-        release_process_group()
+    except SystemExit as stop:  # a SIGTERM stop (status 0) ends as a finished run does; an error exits as it is
+        if not stop.code:
+            release_process_group()
+        raise
+    release_process_group()

@@ -179,10 +179,10 @@ def quiet_known_noise() -> None:
 
 
 def release_process_group() -> None:
-    """Destroy the default process group, if any, when the run is over (``train.py`` calls it on every rank, also
-    after a SIGTERM stop): each rank closes its connections itself instead of at interpreter exit, where gloo's
-    teardown racing the other ranks' aborted the process (SIGABRT, "terminate called without an active exception")
-    after a successful run."""
+    """Destroy the default process group, if any, when the run is over (``train.py`` calls it on every rank after a
+    finished run or a SIGTERM stop, not after an error): each rank closes its connections itself instead of at
+    interpreter exit, where gloo's teardown racing the other ranks' aborted the process now and then (SIGABRT,
+    "terminate called without an active exception") after a successful run."""
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
 
