@@ -87,7 +87,7 @@ def config_for(method: str, args, tmp: Path, seed: int) -> Path:
     data.update(n_way=args.ways, k_shot=args.shots, k_query=5, split="alphabets", meta_batch_size=args.meta_batch,
                 steps_per_epoch=max(args.steps, 1), eval_episodes=args.episodes, eval_meta_batch_size=20)
     data["data_dir"] = str(Path(os.environ.get("LIT_META_DATA", REPO.parent / "shared" / "data")) / "omniglot")
-    path = tmp / f"{METHODS[method]}_seed{seed}.yaml"
+    path = tmp / f"{method}_{args.ways}w{args.shots}s_seed{seed}.yaml"  # e.g. MAML_20w1s_seed0.yaml
     path.write_text(yaml.safe_dump(config))
     return path
 
