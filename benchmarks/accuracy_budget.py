@@ -51,7 +51,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+from common import machine_line, save_figure  # noqa: E402
 
 from lightning.pytorch.callbacks import Callback  # noqa: E402
 
@@ -285,10 +285,7 @@ def plot_curve(args, runs: dict[str, list[dict]], plt) -> None:
 
 def save_plot(fig, args, path: Path, quick_name: str, what: str) -> None:
     """Writes the figure to ``path`` (a ``--quick`` run: to ``quick_name`` in the temp folder, never docs/)."""
-    fig.tight_layout()
-    plot = path if not args.quick else Path(tempfile.gettempdir()) / quick_name
-    fig.savefig(plot, dpi=100)
-    print(f"{what}: {plot}")
+    save_figure(fig, path if not args.quick else Path(tempfile.gettempdir()) / quick_name, what)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import os
 import platform
 import statistics
 import time
+from pathlib import Path
 from typing import Callable
 
 import torch
@@ -37,3 +38,11 @@ def median_ms(fn: Callable[[], object], repeats: int) -> float:
         fn()
         times.append(time.perf_counter() - start)
     return 1000 * statistics.median(times)
+
+
+def save_figure(fig, path: str | Path, what: str = "plot") -> None:
+    """``fig`` laid out and written to ``path`` (its folder made), 100 dpi; prints where."""
+    fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    print(f"{what}: {path}")

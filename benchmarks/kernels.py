@@ -69,7 +69,8 @@ from lit_meta.functional import implicit_meta_grad, inner_solve, loss_for, maml_
 from lit_meta.nets import Conv4
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+import meta_throughput  # noqa: E402
+from common import machine_line, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 POOLS = ("stride", "max")
@@ -78,16 +79,10 @@ PAYS = 1.05  # a kernel stays where its median speedup reaches this on some (net
 
 
 @dataclass(frozen=True)
-class Setting:
+class Setting(meta_throughput.Setting):
+    """meta_throughput's setting (5-way 1-shot here) and the MAML inner steps this benchmark times."""
+
     n_way: int = 5
-    k_shot: int = 1
-    k_query: int = 5
-    meta_batch: int = 32
-    hidden: int = 64
-    inner_steps: int = 16
-    inner_lr: float = 0.1
-    lam: float = 2.0
-    cg_steps: int = 5
     maml_steps: int = 5
 
 
@@ -385,10 +380,7 @@ def plot(path: str, t: Timings, pools: list[str], methods: list[str], s: Setting
                           rotation=30, ha="right")
             ax.set_ylabel("CPU ms per meta-gradient (1 thread)")
             ax.set_title(f"Conv-4 {s.hidden} ch pool={pool}, {method}, meta-batch {s.meta_batch}", fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

@@ -69,7 +69,7 @@ from lit_meta.functional import Params, implicit_meta_grad, inner_solve, loss_fo
 from lit_meta.nets import Conv4
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line  # noqa: E402
+from common import machine_line, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 VARIANTS = ("stride", "max")
@@ -507,10 +507,7 @@ def plot(path: str, rows: list[tuple[int, Setting, dict[tuple[str, str], float]]
             ax.set_title(f"Omniglot {s.name}, {s.inner_steps} inner steps{l2l_note}, Conv-4 pool={variant}",
                          fontsize=8)
             ax.legend(fontsize=6)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def load_episodes(data: Path, cache: str, s: Setting, count: int) -> list[Episode]:

@@ -55,7 +55,7 @@ from torch import Tensor, nn
 from lit_meta.rl.planners import cem, mppi, random_shooting, shift_plan, torchrl_model_env, torchrl_return_to_go
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import machine_line  # noqa: E402
+from common import machine_line, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 OBS_DIM, ACT_DIM, HIDDEN, DEPTH = 20, 6, 512, 3
@@ -256,10 +256,7 @@ def plot(path: str, all_results: dict, methods: list[str], n_points, h_points) -
     axes[1].legend(fontsize=6, ncol=2)
     fig.suptitle(f"MPC planning, MLP {DEPTH}x{HIDDEN} ReLU, obs {OBS_DIM}, action {ACT_DIM}, CEM/MPPI "
                  f"{ITERATIONS} iterations\n{machine_line().split(' | torch threads')[0]}", fontsize=8)
-    fig.tight_layout()
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"plot: {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:

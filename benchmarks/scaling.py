@@ -56,7 +56,7 @@ from typing import Callable, Iterator
 from lightning.pytorch.callbacks import Callback
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine_line  # noqa: E402
+from common import machine_line, save_figure  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "imaml_omniglot_5w1s_quick.yaml"
@@ -278,10 +278,7 @@ def plot(path: Path, process_runs: list[Run], batch_runs: list[Run], title: str)
     b.set_title("1 CPU process", fontsize=9)
     b.set_ylim(bottom=0)
     fig.suptitle(title, fontsize=7)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    print(f"\nplot: {path}")
+    save_figure(fig, path)
 
 
 def main() -> None:
