@@ -37,6 +37,7 @@ class LitMetaCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         given = kwargs.get("args")
         self._argv = [str(a) for a in given] if isinstance(given, (list, tuple)) else sys.argv[1:]  # for the summary
+        self._held_ckpt_path: str | None = None  # --ckpt_path, held back by parse_arguments
         super().__init__(*args, **kwargs)
 
     def parse_arguments(self, parser, args) -> None:
@@ -51,7 +52,7 @@ class LitMetaCLI(LightningCLI):
             self.config[subcommand].ckpt_path = None
 
     def before_instantiate_classes(self) -> None:
-        if getattr(self, "_held_ckpt_path", None) is not None:
+        if self._held_ckpt_path is not None:
             self.config[self.config["subcommand"]].ckpt_path = self._held_ckpt_path
 
     def _config(self) -> dict:
@@ -135,9 +136,8 @@ def run_summary(trainer: L.Trainer, subcommand: str, args: list[str]) -> str:
     if not names:
         lines.append("  (no headline metric was logged)")
     checkpoints = [c for c in trainer.checkpoint_callbacks if getattr(c, "dirpath", None)]
-    for callback in checkpoints:
-        best = getattr(callback, "best_model_path", "") or ""
-        last = getattr(callback, "last_model_path", "") or ""
+    paths = [(getattr(c, "best_model_path", "") or "", getattr(c, "last_model_path", "") or "") for c in checkpoints]
+    for callback, (best, last) in zip(checkpoints, paths):
         lines.append(f"  checkpoints: {callback.dirpath}" + (f" (last: {Path(last).name})" if last else "")
                      + (f" (best: {Path(best).name})" if best and best != last else ""))
     if trainer.log_dir:
@@ -145,7 +145,7 @@ def run_summary(trainer: L.Trainer, subcommand: str, args: list[str]) -> str:
     command = "python train.py {} " + " ".join(shlex.quote(a) for a in args)
     if checkpoints and subcommand == "fit":
         lines.append(f"  resume:      {command.format('fit')} --ckpt_path last")
-        best = getattr(checkpoints[0], "best_model_path", "") or getattr(checkpoints[0], "last_model_path", "")
+        best = paths[0][0] or paths[0][1]
         lines.append(f"  test:        {command.format('test')} --ckpt_path {shlex.quote(best) if best else 'last'}")
     return "\n".join(lines)
 
