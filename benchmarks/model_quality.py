@@ -7,7 +7,8 @@ test-split tasks:
 * candidate ranking (:func:`lit_meta.rl.diagnostics.candidate_ranking`) at the states each controller
   visits: Spearman correlation between predicted and true returns of the planner's candidates, what the
   model's pick is worth (true return of its pick / the best true return), the model's return bias, the
-  spread of the candidates' true returns (``spread``) and of the model's error across them (``errSprd``);
+  spread of the candidates' true returns (``spread``) and of the model's error across them (``errSprd``),
+  and the slope of the model's returns on the true ones (``slope``; below 1 the model under-reacts to actions);
 * open-loop error (:func:`lit_meta.rl.diagnostics.open_loop_errors`) on both controllers' episodes: squared
   observation error after 1 and H steps (units of the training data's std), H-step return error and bias;
   with and without adaptation for the adaptive learners.
@@ -118,11 +119,11 @@ def main() -> None:
                 rows.append(row)
                 print(json.dumps({k: v for k, v in row.items() if k != "returns"}), flush=True)
     print(f"\n{'checkpoint':<36} {'acting':<6} {'adapt':<5} {'return':>8} {'m/s':>5} {'spearman':>8} {'pick':>6} "
-          f"{'bias':>7} {'spread':>7} {'errSprd':>7} {'err1':>7} {'errH':>7} {'retErr':>7} {'retBias':>7}")
+          f"{'bias':>7} {'spread':>7} {'errSprd':>7} {'slope':>6} {'err1':>7} {'errH':>7} {'retErr':>7} {'retBias':>7}")
     for r in rows:
         print(f"{r['checkpoint']:<36} {r['behaviour']:<6} {'yes' if r['adapt'] else 'no':<5} {r['mean_return']:>8.1f} "
               f"{r['speed']:>5.2f} {r['rank_spearman']:>8.3f} {r['rank_pick_value']:>6.2f} {r['rank_model_bias']:>7.2f} "
-              f"{r['rank_true_spread']:>7.2f} {r['rank_error_spread']:>7.2f} "
+              f"{r['rank_true_spread']:>7.2f} {r['rank_error_spread']:>7.2f} {r['rank_slope']:>6.2f} "
               f"{r['ol_err_1']:>7.4f} {r['ol_err_h']:>7.3f} {r['ol_return_err']:>7.2f} {r['ol_return_bias']:>7.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))

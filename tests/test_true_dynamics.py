@@ -119,6 +119,11 @@ def test_candidate_ranking_of_the_true_model_is_perfect():
     torch.testing.assert_close(still["true_spread"], real.std(-1, correction=0))
     torch.testing.assert_close(still["error_spread"], (pred - real).std(-1, correction=0))
     torch.testing.assert_close(same["true_spread"], still["true_spread"])
+    torch.testing.assert_close(same["slope"], torch.ones(2))
+    # the slope by hand: least squares of the model's returns on the true ones
+    slope = ((pred - pred.mean(-1, keepdim=True)) * (real - real.mean(-1, keepdim=True))).sum(-1) / (
+        real - real.mean(-1, keepdim=True)).square().sum(-1)
+    torch.testing.assert_close(still["slope"], slope)
     # planners use the same returns: random shooting on the true model picks the truly best candidate
     res = random_shooting(true.dynamics(4), reward_fn, o, horizon=4, n_candidates=30, action_low=-1.0,
                           action_high=1.0, act_dim=6, generator=torch.Generator().manual_seed(5))

@@ -103,9 +103,11 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
     tensors: ``spearman`` (rank correlation of the returns), ``pick_value`` (true return of the model's best
     candidate over the truly best one's; NaN where the best true return is <= 0), ``pick_true`` /
     ``best_true`` (those true returns), ``model_bias`` (mean over candidates of model - true return),
-    ``true_spread`` (standard deviation of the candidates' true returns: what there is to rank) and
+    ``true_spread`` (standard deviation of the candidates' true returns: what there is to rank),
     ``error_spread`` (standard deviation over candidates of model - true return: the part of the model's error
-    that reorders them; a constant bias reorders nothing). Ranking needs ``error_spread`` well below ``true_spread``.
+    that reorders them; a constant bias reorders nothing) and ``slope`` (least-squares slope of the model's
+    return on the true one over the candidates: 1 = the model sees the actions' effect at its true size, below 1 it
+    under-reacts to the actions). Ranking needs ``error_spread`` well below ``true_spread``.
     """
     pred = candidate_returns(model, reward_fn, obs, actions, termination_fn)
     real = candidate_returns(true, reward_fn, obs, actions, termination_fn)
@@ -121,8 +123,13 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
         mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None]
         return (torch.where(finite, x - mean, torch.zeros_like(x)).square().sum(-1) / n).sqrt()
 
+    def centred(x: Tensor) -> Tensor:
+        return torch.where(finite, x - torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None],
+                           torch.zeros_like(x))
+
+    slope = (centred(pred) * centred(real)).sum(-1) / centred(real).square().sum(-1)
     return {"spearman": spearman(pred, real), "pick_value": value, "pick_true": pick_true, "best_true": best_true,
-            "model_bias": bias, "true_spread": spread(real), "error_spread": spread(error)}
+            "model_bias": bias, "true_spread": spread(real), "error_spread": spread(error), "slope": slope}
 
 
 class RankingProbe:
@@ -175,8 +182,8 @@ class RankingProbe:
 
     def summary(self) -> dict[str, float]:
         """Means over every probe and env (NaNs left out) of ``spearman``, ``pick_value``, ``model_bias``,
-        ``true_spread``, ``error_spread``, and ``n``, the number of probes x envs."""
-        keys = ("spearman", "pick_value", "model_bias", "true_spread", "error_spread")
+        ``true_spread``, ``error_spread``, ``slope``, and ``n``, the number of probes x envs."""
+        keys = ("spearman", "pick_value", "model_bias", "true_spread", "error_spread", "slope")
         if not self.records:
             return {**{k: float("nan") for k in keys}, "n": 0}
         cat = {k: np.concatenate([np.atleast_1d(r[k]) for r in self.records]) for k in keys}
