@@ -12,6 +12,7 @@ from torch.func import functional_call
 from lit_meta.datamodules.rollouts import RolloutDataModule
 from lit_meta.episode import Window
 from lit_meta.nets import MLP
+from lit_meta.rl.dynamics import open_loop_loss
 from lit_meta.rl.learners import MBMPC, GrBAL, ImplicitGrBAL, ReBAL, RecurrentDynamics
 from rl_fakes import ENV_ID
 
@@ -78,6 +79,55 @@ def test_mbmpc_trains_on_transitions_and_does_not_adapt(tmp_path):
     metrics, _ = fit(MBMPC(MLP(1, 2, (32, 32)), **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
     assert metrics["val/pre_query_loss"] == metrics["val/query_loss"]
     assert metrics["train/query_loss"] < 2.0  # the normalised change has variance ~1 around the mean task
+
+
+def test_open_loop_loss_is_the_rollout_state_error_and_one_step_mse_at_h1():
+    torch.manual_seed(0)
+    model = MBMPC(MLP(5 + 2, 6, (16,)), obs_dim=6, action_dim=2, exclude_obs_dims=[0]).double()
+    norm = model.normalizer
+    for name, size in (("obs", 6), ("action", 2), ("delta", 6)):
+        getattr(norm, f"{name}_mean").copy_(torch.randn(size))
+        getattr(norm, f"{name}_std").copy_(torch.rand(size) + 0.5)
+    obs, action = torch.randn(4, 5, 6, dtype=torch.float64), torch.randn(4, 5, 2, dtype=torch.float64)
+    next_obs = obs + 0.1 * torch.randn(4, 5, 6, dtype=torch.float64)
+    obs[:, 1:] = next_obs[:, :-1]  # consecutive transitions
+    inputs, targets = norm.inputs(obs, action), norm.targets(obs, next_obs)
+    # by hand: roll the model out in raw observations on the recorded actions, squared state error / delta_std
+    x, expected = obs[:, 0], 0.0
+    for h in range(5):
+        x = norm.next_obs(x, model.net(norm.inputs(x, action[:, h])))
+        expected = expected + ((x - next_obs[:, h]) / norm.delta_std).square().mean() / 5
+    torch.testing.assert_close(open_loop_loss(model.net, norm, inputs, targets), expected)
+    one = open_loop_loss(model.net, norm, inputs[:, :1], targets[:, :1])
+    torch.testing.assert_close(one, ((model.net(inputs[:, 0]) - targets[:, 0]) ** 2).mean())
+
+
+def test_mbmpc_open_loop_loss_trains_on_windows_and_refuses_what_it_cannot_use(tmp_path):
+    L.seed_everything(0)
+    model = MBMPC(MLP(1, 2, (32, 32)), loss_horizon=4, **DIMS)
+    untrained = MLP(1, 2, (32, 32))
+    untrained.load_state_dict(model.net.state_dict())
+    _, trainer = fit(model, drift_data(), tmp_path, epochs=1)
+    # The 4-step open-loop loss on training windows. The model sees only the action, so the best it can do is the
+    # mean task, x' - x = a + E[c]: normalised, output = ((a - E[a]) / std(delta_x), 0) (t's change is constant).
+    norm = model.normalizer
+    window = trainer.datamodule.buffer.sample_windows(256, torch.Generator().manual_seed(0), 8)
+    episode = norm.episode(window)
+
+    def mean_task(inputs):
+        action = inputs[..., -1:] * norm.action_std + norm.action_mean
+        return torch.cat([(action - norm.action_mean) / norm.delta_std[0], torch.zeros_like(action)], dim=-1)
+
+    with torch.no_grad():
+        trained, start, best = (open_loop_loss(net, norm, episode.query_x[:, :4], episode.query_y[:, :4])
+                                for net in (model.net, untrained, mean_task))
+    assert trained < 1.03 * best and start > 1.05 * best, (start, trained, best)
+    with pytest.raises(ValueError, match="loss_horizon=0"):
+        MBMPC(loss_horizon=0)
+    with pytest.raises(ValueError, match="batch_type='windows'"):
+        fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=4, **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="longer than the windows"):
+        fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=20, **DIMS), drift_data(), tmp_path, epochs=1)
 
 
 def test_model_and_env_sizes_must_match(tmp_path):

@@ -67,6 +67,13 @@ class Normalizer(nn.Module):
         """Predicted next observation from the model's output."""
         return obs + output * self.delta_std + self.delta_mean
 
+    def advance(self, inputs: Tensor, output: Tensor) -> Tensor:
+        """The observation part of the next step's model input, from this step's input and output (the
+        excluded dimensions are neither needed nor produced): an open-loop rollout in normalised units."""
+        n_obs = len(self.keep)
+        delta = (output * self.delta_std + self.delta_mean).index_select(-1, self.keep)
+        return inputs[..., :n_obs] + delta / self.obs_std.index_select(-1, self.keep)
+
     def episode(self, window: Window) -> Episode:
         """A window as a regression episode: support = the M past transitions, query = the K future ones."""
         return Episode(self.inputs(window.past_obs, window.past_action), self.targets(window.past_obs, window.past_next_obs),
@@ -76,3 +83,23 @@ class Normalizer(nn.Module):
     def transitions(self, batch: Transitions) -> tuple[Tensor, Tensor]:
         """(inputs, targets) of a plain transition batch."""
         return self.inputs(batch.obs, batch.action), self.targets(batch.obs, batch.next_obs)
+
+
+def open_loop_loss(net: nn.Module, normalizer: Normalizer, inputs: Tensor, targets: Tensor) -> Tensor:
+    """The model rolled out open loop on recorded actions, scored at every step (a multi-step loss).
+
+    ``inputs [B, H, in_features]`` and ``targets [B, H, obs_dim]`` are H consecutive transitions of B sequences
+    (:meth:`Normalizer.inputs` / :meth:`Normalizer.targets`); only the first step's observation and every step's
+    action are read from ``inputs``. Predicted state s_h+1 = s_h + f(s_h, a_h) (normalised change); the loss is
+    mean_h mean_d ((s_h+1 - s*_h+1) / delta_std)^2 = mean_h mean_d (sum_{j<=h} f(s_j, a_j) - y_j)^2, which for
+    H = 1 is the one-step MSE.
+    """
+    n_obs = len(normalizer.keep)
+    x, error, total = inputs[:, 0], 0.0, 0.0
+    for h in range(inputs.shape[1]):
+        out = net(x)
+        error = error + out - targets[:, h]  # state error after step h, in units of delta_std
+        total = total + error.square().mean()
+        if h + 1 < inputs.shape[1]:
+            x = torch.cat([normalizer.advance(x, out), inputs[:, h + 1, n_obs:]], dim=-1)
+    return total / inputs.shape[1]

@@ -35,7 +35,7 @@ from lit_meta.functional import InnerObjective, TaskParams, per_task_loss, mse_l
 from lit_meta.learners import IMAML, MAML, AdaptiveLearner, EvalAdaptation, NanPolicy
 from lit_meta.nets import MLP
 from lit_meta.rl.control import check_mpc
-from lit_meta.rl.dynamics import Normalizer
+from lit_meta.rl.dynamics import Normalizer, open_loop_loss
 
 PAPER_HIDDEN = (512, 512, 512)
 
@@ -254,22 +254,43 @@ class MBMPC(SupervisedDynamics):
     Args:
         net: the dynamics model. Default: the paper's 3 x 512 ReLU MLP.
         optimizer: default Adam (lr 1e-3).
+        loss_horizon: steps of the training loss. 1 (default): the one-step MSE (the paper's). H > 1: the
+            model rolled out open loop for H steps on the recorded actions
+            (:func:`~lit_meta.rl.dynamics.open_loop_loss`), from every H-th step of each window; needs window
+            batches (``batch_type="windows"``) with ``past_window + future_window >= H``. The planner compounds
+            its horizon's steps, so this trains what it uses.
         obs_dim, action_dim, exclude_obs_dims, aggregate_every_n_epochs: see :class:`DynamicsLearner`.
     """
 
     def __init__(self, net: nn.Module | None = None, obs_dim: int = 18, action_dim: int = 6,
                  exclude_obs_dims: Sequence[int] = (0,), aggregate_every_n_epochs: int = 1,
-                 mpc: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam) -> None:
+                 mpc: dict[str, Any] | None = None, optimizer: OptimizerCallable = torch.optim.Adam,
+                 loss_horizon: int = 1) -> None:
         super().__init__(self._default_net(net, obs_dim, action_dim, exclude_obs_dims), obs_dim, action_dim,
                          exclude_obs_dims, aggregate_every_n_epochs, mpc, optimizer)
+        if isinstance(loss_horizon, bool) or not isinstance(loss_horizon, int) or loss_horizon < 1:
+            raise ValueError(f"loss_horizon={loss_horizon!r}: must be an integer >= 1 (1: the one-step loss)")
+        self.loss_horizon = loss_horizon
 
     def training_loss(self, batch: Episode | Transitions) -> Tensor:
         if isinstance(batch, Transitions):
+            if self.loss_horizon > 1:
+                raise ValueError(
+                    f"loss_horizon={self.loss_horizon} needs consecutive transitions: set the DataModule's "
+                    f"batch_type='windows' (data.init_args.batch_type), or loss_horizon=1")
             inputs, targets = self.normalizer.transitions(batch)
-        else:
-            inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
-            targets = torch.cat([batch.support_y, batch.query_y], dim=1)
-        return mse_loss(self.net(inputs), targets)
+            return mse_loss(self.net(inputs), targets)
+        inputs = torch.cat([batch.support_x, batch.query_x], dim=1)
+        targets = torch.cat([batch.support_y, batch.query_y], dim=1)
+        if self.loss_horizon == 1:
+            return mse_loss(self.net(inputs), targets)
+        H, length = self.loss_horizon, inputs.shape[1]
+        if length < H:
+            raise ValueError(f"loss_horizon={H} is longer than the windows ({length} transitions = past_window + "
+                             f"future_window): lower loss_horizon or lengthen the windows")
+        n = length // H  # sequences per window: steps 0..H-1, H..2H-1, ...
+        return open_loop_loss(self.net, self.normalizer, inputs[:, :n * H].reshape(-1, H, inputs.shape[-1]),
+                              targets[:, :n * H].reshape(-1, H, targets.shape[-1]))
 
 
 class RecurrentDynamics(nn.Module):
