@@ -31,6 +31,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "planning": ["--quick", *plot],
         "rl_returns": ["--quick", "--methods", "grbal", "mbmpc", "true", "random", "--plot", str(tmp / "plot.png")],
         "scaling": ["--quick", *plot],
+        "state_sensitivity": ["--quick", *plot],
         "soak_ddp": ["--minutes", "0.4", "--sample-s", "8", "--warmup-min", "0.1", "--compare-steps", "5",
                      "--out", str(tmp / "soak"), *plot],
         "task_assembly": [*plot],

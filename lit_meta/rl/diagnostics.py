@@ -111,7 +111,13 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
     """
     pred = candidate_returns(model, reward_fn, obs, actions, termination_fn)
     real = candidate_returns(true, reward_fn, obs, actions, termination_fn)
-    rows = torch.arange(len(obs))
+    return ranking_stats(pred, real)
+
+
+def ranking_stats(pred: Tensor, real: Tensor) -> dict[str, Tensor]:
+    """:func:`candidate_ranking`'s figures from the candidates' returns ``pred [E, N]`` (the model's) and ``real
+    [E, N]`` (the true ones); non-finite returns are left out of the bias, spreads and slope."""
+    rows = torch.arange(len(pred))
     pick_true, best_true = real[rows, pred.argmax(-1)], real.max(-1).values
     value = torch.where(best_true > 0, pick_true / best_true, torch.full_like(best_true, float("nan")))
     finite = torch.isfinite(pred) & torch.isfinite(real)
@@ -119,13 +125,12 @@ def candidate_ranking(model: Callable, true: Callable, reward_fn: Callable, obs:
     error = torch.where(finite, pred - real, torch.zeros_like(pred))
     bias = error.sum(-1) / n
 
-    def spread(x: Tensor) -> Tensor:  # std over the finite candidates (ddof 0)
-        mean = torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None]
-        return (torch.where(finite, x - mean, torch.zeros_like(x)).square().sum(-1) / n).sqrt()
-
     def centred(x: Tensor) -> Tensor:
         return torch.where(finite, x - torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None],
                            torch.zeros_like(x))
+
+    def spread(x: Tensor) -> Tensor:  # std over the finite candidates (ddof 0)
+        return (centred(x).square().sum(-1) / n).sqrt()
 
     slope = (centred(pred) * centred(real)).sum(-1) / centred(real).square().sum(-1)
     return {"spearman": spearman(pred, real), "pick_value": value, "pick_true": pick_true, "best_true": best_true,
