@@ -64,7 +64,7 @@ def perturbed(env, std: np.ndarray, level: float, rng: np.random.Generator) -> n
     qpos = u.data.qpos + np.concatenate([[0.0], level * std[1:nq] * rng.standard_normal(nq - 1)])
     qvel = u.data.qvel + level * std[nq:] * rng.standard_normal(u.data.qvel.size)
     u.set_state(qpos, qvel)
-    return np.concatenate([u.data.qpos, u.data.qvel]).astype(np.float32)
+    return u._get_obs().astype(np.float32)
 
 
 def run_level(env_id: str, level: float, std: np.ndarray, args) -> dict:

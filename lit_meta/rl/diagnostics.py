@@ -129,12 +129,11 @@ def ranking_stats(pred: Tensor, real: Tensor) -> dict[str, Tensor]:
         return torch.where(finite, x - torch.where(finite, x, torch.zeros_like(x)).sum(-1, keepdim=True) / n[:, None],
                            torch.zeros_like(x))
 
-    def spread(x: Tensor) -> Tensor:  # std over the finite candidates (ddof 0)
-        return (centred(x).square().sum(-1) / n).sqrt()
-
-    slope = (centred(pred) * centred(real)).sum(-1) / centred(real).square().sum(-1)
+    p, r = centred(pred), centred(real)
+    real_ss = r.square().sum(-1)
     return {"spearman": spearman(pred, real), "pick_value": value, "pick_true": pick_true, "best_true": best_true,
-            "model_bias": bias, "true_spread": spread(real), "error_spread": spread(error), "slope": slope}
+            "model_bias": bias, "true_spread": (real_ss / n).sqrt(),  # stds over the finite candidates (ddof 0)
+            "error_spread": (centred(error).square().sum(-1) / n).sqrt(), "slope": (p * r).sum(-1) / real_ss}
 
 
 class RankingProbe:
