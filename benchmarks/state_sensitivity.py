@@ -67,51 +67,72 @@ def perturbed(env, std: np.ndarray, level: float, rng: np.random.Generator) -> n
     return u._get_obs().astype(np.float32)
 
 
-def run_level(env_id: str, level: float, std: np.ndarray, args) -> dict:
+def run_episode(env_id: str, episode: int, args, levels: list[float] | None = None, std: np.ndarray | None = None,
+                rngs: list[np.random.Generator] | None = None, plan_from: tuple | None = None) -> tuple[float, list]:
+    """One test-split episode of the true-dynamics planner; return ``(return, probes)``.
+
+    ``plan_from=None``: it plans from the exact state and, at every probe, scores the same candidates from the
+    exact state (once) and from the state with each level's noise (``levels``, ``rngs``): ``probes`` holds one
+    :func:`ranking_stats` dict per level. ``plan_from=(level, rng)``: it plans from that noisy state, no probes."""
     reward_fn, termination_fn = env_reward_fns(env_id, {"task_split": "test"})
-    rng = np.random.default_rng(0)
-    stats, returns = [], []
-    for episode in range(args.episodes):
-        for plan_from_noise in (False, True):  # pass 1: ranking at the exact planner's states; pass 2: return
-            env = gym.make(env_id, task_split="test")
-            try:
-                obs, _ = env.reset(seed=1234 + episode)
-                u = env.unwrapped
-                if len(obs) != u.data.qpos.size + u.data.qvel.size:
-                    raise SystemExit(f"{env_id}: its observation is not qpos + qvel; only HalfCheetah envs are supported")
-                true = TrueDynamics(env)
-                low, high = torch.tensor(env.action_space.low), torch.tensor(env.action_space.high)
-                controller = MPCController(true, reward_fn, termination_fn, low, high, seed=1, horizon=args.horizon,
-                                           n_candidates=args.candidates)
-                controller.reset([0])
-                total = 0.0
-                for t in range(args.episode_length):
-                    qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
-                    if plan_from_noise:
-                        action = controller(perturbed(env, std, level, rng)[None])[0]
+    env = gym.make(env_id, task_split="test")
+    try:
+        obs, _ = env.reset(seed=1234 + episode)
+        u = env.unwrapped
+        if len(obs) != u.data.qpos.size + u.data.qvel.size:
+            raise SystemExit(f"{env_id}: its observation is not qpos + qvel; only HalfCheetah envs are supported")
+        true = TrueDynamics(env)
+        low, high = torch.tensor(env.action_space.low), torch.tensor(env.action_space.high)
+        controller = MPCController(true, reward_fn, termination_fn, low, high, seed=1, horizon=args.horizon,
+                                   n_candidates=args.candidates)
+        controller.reset([0])
+        total, probes = 0.0, []
+        for t in range(args.episode_length):
+            qpos, qvel = u.data.qpos.copy(), u.data.qvel.copy()
+            if plan_from is not None:
+                action = controller(perturbed(env, std, plan_from[0], plan_from[1])[None])[0]
+                u.set_state(qpos, qvel)
+            else:
+                if t % args.every == 0 and t >= min(20, args.episode_length // 2):
+                    g = torch.Generator().manual_seed(1000 * episode + t)
+                    acts = low + (high - low) * torch.rand(1, args.candidates, args.horizon, len(low), generator=g)
+                    real = candidate_returns(true.dynamics(args.horizon), reward_fn,
+                                             torch.as_tensor(obs, dtype=torch.float32)[None], acts, termination_fn)
+                    row = []
+                    for level, rng in zip(levels, rngs):
+                        noisy_obs = torch.as_tensor(perturbed(env, std, level, rng))[None]
+                        noisy = candidate_returns(TrueDynamics(env).dynamics(args.horizon), reward_fn, noisy_obs,
+                                                  acts, termination_fn)
                         u.set_state(qpos, qvel)
-                    else:
-                        if t % args.every == 0 and t >= min(20, args.episode_length // 2):
-                            g = torch.Generator().manual_seed(1000 * episode + t)
-                            acts = low + (high - low) * torch.rand(1, args.candidates, args.horizon, len(low), generator=g)
-                            real = candidate_returns(true.dynamics(args.horizon), reward_fn,
-                                                     torch.as_tensor(obs, dtype=torch.float32)[None], acts, termination_fn)
-                            noisy_obs = torch.as_tensor(perturbed(env, std, level, rng))[None]
-                            noisy = candidate_returns(TrueDynamics(env).dynamics(args.horizon), reward_fn, noisy_obs,
-                                                      acts, termination_fn)
-                            u.set_state(qpos, qvel)
-                            stats.append({k: float(v[0]) for k, v in ranking_stats(noisy, real).items()})
-                        action = controller(obs[None])[0]
-                    obs, reward, terminated, truncated, _ = env.step(action)
-                    total += float(reward)
-                    if terminated or truncated:
-                        break
-                if plan_from_noise:
-                    returns.append(total)
-            finally:
-                env.close()
-    return {"level": level, **{k: float(np.nanmean([s[k] for s in stats])) for k in KEYS}, "probes": len(stats),
-            "returns": returns, "mean_return": float(np.mean(returns))}
+                        row.append({k: float(v[0]) for k, v in ranking_stats(noisy, real).items()})
+                    probes.append(row)
+                action = controller(obs[None])[0]
+            obs, reward, terminated, truncated, _ = env.step(action)
+            total += float(reward)
+            if terminated or truncated:
+                break
+        return total, probes
+    finally:
+        env.close()
+
+
+def run_levels(env_id: str, levels: list[float], std: np.ndarray, args) -> list[dict]:
+    """Per episode: one exact-state episode that probes the ranking at every level, then one noisy-state episode
+    per level > 0 (level 0's return is the exact episode's). Each level draws its noise from its own stream."""
+    rngs = [np.random.default_rng(0) for _ in levels]
+    stats = [[] for _ in levels]
+    returns = [[] for _ in levels]
+    for episode in range(args.episodes):
+        exact_return, probes = run_episode(env_id, episode, args, levels, std, rngs)
+        for row in probes:
+            for i, s in enumerate(row):
+                stats[i].append(s)
+        for i, level in enumerate(levels):
+            returns[i].append(exact_return if level == 0 else
+                              run_episode(env_id, episode, args, std=std, plan_from=(level, rngs[i]))[0])
+    return [{"level": level, **{k: float(np.nanmean([s[k] for s in stats[i]])) for k in KEYS},
+             "probes": len(stats[i]), "returns": returns[i], "mean_return": float(np.mean(returns[i]))}
+            for i, level in enumerate(levels)]
 
 
 def main() -> None:
@@ -134,10 +155,9 @@ def main() -> None:
     print(machine_line(), flush=True)
     start = time.perf_counter()
     std = data_std(args.env_id, 2 if args.quick else 10, 100 if args.quick else 1000)
-    rows = []
-    for level in args.levels:
-        rows.append(run_level(args.env_id, level, std, args))
-        print(json.dumps(rows[-1]), flush=True)
+    rows = run_levels(args.env_id, args.levels, std, args)
+    for row in rows:
+        print(json.dumps(row), flush=True)
     base = rows[0]["mean_return"] if rows[0]["level"] == 0 else float("nan")
     print(f"\n{args.env_id}, test split, {args.episodes} x {args.episode_length} steps, random shooting "
           f"{args.candidates} x {args.horizon}; noise in units of the random data's obs std ({time.perf_counter() - start:.0f} s)")

@@ -10,7 +10,7 @@ import torch
 from torch.func import functional_call
 
 from lit_meta.datamodules.rollouts import RolloutDataModule
-from lit_meta.episode import Window
+from lit_meta.episode import Transitions, Window
 from lit_meta.nets import MLP
 from lit_meta.rl.dynamics import open_loop_loss
 from lit_meta.rl.learners import MBMPC, GrBAL, ImplicitGrBAL, ReBAL, RecurrentDynamics
@@ -124,10 +124,22 @@ def test_mbmpc_open_loop_loss_trains_on_windows_and_refuses_what_it_cannot_use(t
     assert trained < 1.03 * best and start > 1.05 * best, (start, trained, best)
     with pytest.raises(ValueError, match="loss_horizon=0"):
         MBMPC(loss_horizon=0)
+    # a DataModule that cannot feed the loss fails when the fit starts, before any rollout is collected
+    for data, match in ((drift_data(batch_type="transitions"), r"MBMPC\(loss_horizon=4\) trains on consecutive "
+                         r"transitions.*set data.init_args.batch_type=windows"),
+                        (drift_data(), r"needs windows of >= 20 transitions, but past_window \+ future_window = 16")):
+        with pytest.raises(ValueError, match=match):
+            fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=4 if data.batch_type == "transitions" else 20, **DIMS), data,
+                tmp_path, epochs=1)
+        assert data.round == 0 and not len(data.buffer)
+    with pytest.raises(ValueError, match="ReBAL trains on consecutive transitions"):
+        fit(ReBAL(RecurrentDynamics(1, 2, 8, (8,)), **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
+    # called directly (no DataModule), the loss itself says what is wrong
     with pytest.raises(ValueError, match="batch_type='windows'"):
-        fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=4, **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
+        model.training_loss(Transitions(torch.randn(4, 2), torch.randn(4, 1), torch.randn(4, 2)))
     with pytest.raises(ValueError, match="longer than the windows"):
-        fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=20, **DIMS), drift_data(), tmp_path, epochs=1)
+        MBMPC(MLP(1, 2, (8,)), loss_horizon=20, **DIMS).training_loss(
+            model.normalizer.episode(Window(*(torch.randn(2, 6, d) for d in (2, 1, 2, 2, 1, 2)))))
 
 
 def test_model_and_env_sizes_must_match(tmp_path):

@@ -98,6 +98,23 @@ class DynamicsLearner:
                     f"but {datamodule.env_id} has observations of size {obs_dim} and actions of size {action_dim}; "
                     f"set model.init_args.obs_dim/action_dim (and the net's sizes) to the env's"
                 )
+        needs = self.window_steps_needed()
+        batch_type = getattr(datamodule, "batch_type", None)
+        if needs and batch_type == "transitions":  # fail now, not after the random rollouts
+            raise ValueError(f"{type(self).__name__}{self._needs_what()} trains on consecutive transitions, but the "
+                             f"DataModule gives single transitions: set data.init_args.batch_type=windows")
+        if needs and batch_type == "windows" and datamodule.past_window + datamodule.future_window < needs:
+            raise ValueError(f"{type(self).__name__}{self._needs_what()} needs windows of >= {needs} transitions, but "
+                             f"past_window + future_window = {datamodule.past_window + datamodule.future_window}: "
+                             f"lengthen the windows (data.init_args.past_window / future_window)")
+
+    def window_steps_needed(self) -> int:
+        """Consecutive transitions a training batch must hold (0: single transitions will do). Checked against the
+        DataModule when the fit starts."""
+        return 0
+
+    def _needs_what(self) -> str:
+        return ""
 
     def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         self._sync_stats()
@@ -272,6 +289,12 @@ class MBMPC(SupervisedDynamics):
             raise ValueError(f"loss_horizon={loss_horizon!r}: must be an integer >= 1 (1: the one-step loss)")
         self.loss_horizon = loss_horizon
 
+    def window_steps_needed(self) -> int:
+        return self.loss_horizon if self.loss_horizon > 1 else 0
+
+    def _needs_what(self) -> str:
+        return f"(loss_horizon={self.loss_horizon})"
+
     def training_loss(self, batch: Episode | Transitions) -> Tensor:
         if isinstance(batch, Transitions):
             if self.loss_horizon > 1:
@@ -340,6 +363,9 @@ class ReBAL(SupervisedDynamics):
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
         """The GRU's hidden state ``{"h": [T, hidden]}`` after reading the M past (input, change) pairs."""
         return {"h": self.net.encode(support_x, support_y)}
+
+    def window_steps_needed(self) -> int:
+        return 2  # a past window to encode and a transition to predict
 
     def unadapted(self, n_tasks: int) -> TaskParams:
         """Before adaptation: a zero hidden state."""
