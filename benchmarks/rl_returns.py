@@ -16,6 +16,8 @@ reference arms need no training: ``true`` (the same planner with the true MuJoCo
     python benchmarks/rl_returns.py --methods grbal --monitors --keep DIR    # + learning curve, checkpoint kept
     python benchmarks/rl_returns.py --full                                   # all three envs, all methods
     python benchmarks/rl_returns.py --load a.json b.json     # table + plots from earlier --json runs
+    python benchmarks/rl_returns.py --checkpoints DIR --mpc '{"planner": "mppi", "planner_kwargs": {"iterations": 3}}'
+                                   # no training: evaluate DIR's --keep checkpoints, every arm with these planner settings
 
 Writes a table to stdout, a bar chart to docs/rl_returns.png (``--plot``) and, when the runs logged held-out
 returns during training (``--monitors``: the configs' DynamicsMonitor), the sample-efficiency plot
@@ -56,12 +58,20 @@ QUICK = ["--trainer.max_epochs", "2", "--data.init_args.initial_rollouts", "2", 
          "--model.init_args.mpc", '{"planner": "random_shooting", "horizon": 5, "n_candidates": 100}']
 
 
+def eval_mpc(mpc: dict, args) -> dict:
+    """The planner settings of an evaluation: the config's ``mpc``, then ``--mpc``, ``--quick``, ``--eval-candidates``."""
+    mpc = {**mpc, **args.mpc}
+    if "planner" in args.mpc and "planner_kwargs" not in args.mpc:
+        mpc.pop("planner_kwargs", None)  # another planner: the config's planner arguments may not apply
+    return {**mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {}),
+            **({"n_candidates": args.eval_candidates} if args.eval_candidates else {})}
+
+
 def reference(method: str, env: str, args) -> dict:
     """The true-dynamics planner (the mbmpc config's env and planner settings) or random actions: no training."""
     config = yaml.safe_load((REPO / "configs" / f"mbmpc_{env}.yaml").read_text())
-    data, mpc = config["data"]["init_args"], dict(config["model"]["init_args"].get("mpc") or {})
-    mpc.update({"horizon": 5, "n_candidates": 100} if args.quick else {})
-    mpc.update({"n_candidates": args.eval_candidates} if args.eval_candidates else {})
+    data = config["data"]["init_args"]
+    mpc = eval_mpc(dict(config["model"]["init_args"].get("mpc") or {}), args)
     length = 100 if args.quick else args.episode_length
     start = time.perf_counter()
     if method == "true":
@@ -82,9 +92,31 @@ def reference(method: str, env: str, args) -> dict:
     return {"train_env_steps": 0, "train_s": 0.0, "mpc": mpc if method == "true" else {}, "no_adapt": result}
 
 
+def load_kept(method: str, env: str, args):
+    """A learner kept by an earlier ``--keep`` run, the config's DataModule settings and that run's
+    ``{"train_s", "curve", "train_env_steps"}`` (its sidecar JSON; NaN / none / -1 if missing)."""
+    from model_quality import load
+
+    path = Path(args.checkpoints) / f"{method}_{env}.ckpt"
+    if not path.is_file():
+        raise SystemExit(f"--checkpoints {args.checkpoints}: no {path.name} there (written by a run with --keep "
+                         f"{args.checkpoints}); drop {method} from --methods or train it")
+    model = load(str(path), method)[1]
+    sidecar = path.with_suffix(".json")
+    meta = {"train_s": float("nan"), "curve": [], "train_env_steps": -1,
+            **(json.loads(sidecar.read_text()) if sidecar.is_file() else {})}
+    config = yaml.safe_load((REPO / "configs" / f"{method}_{env}.yaml").read_text())
+    return model, dict(config["data"]["init_args"]), meta
+
+
 def run(method: str, env: str, args) -> dict:
     if method in REFERENCES:
         return reference(method, env, args)
+    if args.checkpoints:
+        model, data, meta = load_kept(method, env, args)
+        return evaluate_learner(method, model, data["env_id"], data.get("env_kwargs"), data.get("past_window", 16),
+                                data.get("future_window", 16), meta["train_env_steps"], meta["train_s"],
+                                meta.get("curve", []), args)
     config = yaml.safe_load((REPO / "configs" / f"{method}_{env}.yaml").read_text())
     # no checkpoints (not kept); the config's monitors only with --monitors (in-training evaluation costs minutes)
     config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or []
@@ -101,22 +133,30 @@ def run(method: str, env: str, args) -> dict:
         if args.keep:
             Path(args.keep).mkdir(parents=True, exist_ok=True)
             cli.trainer.save_checkpoint(Path(args.keep) / f"{method}_{env}.ckpt")
+            (Path(args.keep) / f"{method}_{env}.json").write_text(json.dumps(
+                {"train_s": train_s, "curve": curve, "train_env_steps": len(cli.datamodule.buffer)}))
     model, data = cli.model, cli.datamodule
-    mpc = {**model.mpc, **({"horizon": 5, "n_candidates": 100} if args.quick else {}),
-           **({"n_candidates": args.eval_candidates} if args.eval_candidates else {})}
+    return evaluate_learner(method, model, data.env_id, data.env_kwargs, data.past_window, data.future_window,
+                            len(data.buffer), train_s, curve, args)
+
+
+def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: int, future_window: int,
+                     train_env_steps: int, train_s: float, curve: list, args) -> dict:
+    """Test-split episodes with (adaptive learners) and without online adaptation."""
+    mpc = eval_mpc(dict(model.mpc), args)
     length = 100 if args.quick else args.episode_length
     rows = {}
     for adapt in ([True, False] if method not in NON_ADAPTIVE else [False]):
         start = time.perf_counter()
-        result = evaluate(model, data.env_id, "test", episodes=args.episodes, episode_length=length,
-                          env_kwargs=data.env_kwargs, n_envs=min(args.episodes, 5), past_window=data.past_window,
-                          future_window=data.future_window, adapt=adapt, seed=1234, **mpc)
+        result = evaluate(model, env_id, "test", episodes=args.episodes, episode_length=length,
+                          env_kwargs=env_kwargs, n_envs=min(args.episodes, 5), past_window=past_window,
+                          future_window=future_window, adapt=adapt, seed=1234, **mpc)
         result["eval_s"] = time.perf_counter() - start
         rows["adapt" if adapt else "no_adapt"] = result
-        print(f"{env} {method} adapt={adapt}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
+        print(f"{env_id} {method} adapt={adapt}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
               f"pred error {result['pred_error_pre']:.4f} -> {result['pred_error_post']:.4f}, "
               f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
-    return {"train_env_steps": len(data.buffer), "train_s": train_s, "mpc": mpc, "curve": curve, **rows}
+    return {"train_env_steps": train_env_steps, "train_s": train_s, "mpc": mpc, "curve": curve, **rows}
 
 
 def learning_curve(trainer) -> list[list[float]]:
@@ -157,6 +197,12 @@ def main() -> None:
                         help="planner candidates at evaluation (default: the config's mpc.n_candidates)")
     parser.add_argument("--keep", default=None, help="save each trained learner's checkpoint in this folder "
                         "({method}_{env}.ckpt; for benchmarks/model_quality.py)")
+    parser.add_argument("--mpc", type=json.loads, default={},
+                        help="planner settings at evaluation for every arm (the true-dynamics one included), over "
+                             "the configs' mpc, as JSON: e.g. '{\"planner\": \"mppi\", \"planner_kwargs\": "
+                             "{\"iterations\": 3}}' (MPCController arguments)")
+    parser.add_argument("--checkpoints", default=None,
+                        help="evaluate the checkpoints an earlier run kept here (--keep DIR) instead of training")
     parser.add_argument("--monitors", action="store_true",
                         help="keep the configs' callbacks (DynamicsMonitor evaluates during training: slower)")
     args = parser.parse_args()

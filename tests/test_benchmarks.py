@@ -54,3 +54,33 @@ def test_benchmark_runs(script, tmp_path):
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert " cores | python " in run.stdout  # the machine line beside the figures
     assert {p.name: p.stat().st_mtime_ns for p in (REPO / "docs").glob("*.png")} == docs, "a smoke run wrote docs/"
+
+
+def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_path):
+    """``--keep`` then ``--checkpoints``: the kept learner, evaluated again without training, returns what it
+    returned right after training (same seed, same planner), keeps its training time, and ``--mpc`` changes the
+    planner of every arm."""
+    import json
+
+    env = {**os.environ, "WANDB_MODE": "offline", "MPLBACKEND": "Agg"}
+
+    def bench(*args) -> dict:
+        out = tmp_path / f"run{len(list(tmp_path.glob('run*.json')))}.json"
+        run = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--quick", "--episodes", "1", "--plot",
+                              str(tmp_path / "plot.png"), "--json", str(out), *args], cwd=REPO, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        return json.loads(out.read_text())["halfcheetah_crippled"]
+
+    trained = bench("--methods", "mbmpc", "--keep", str(tmp_path / "keep"))["mbmpc"]
+    again = bench("--methods", "mbmpc", "--checkpoints", str(tmp_path / "keep"))["mbmpc"]
+    assert again["no_adapt"]["returns"] == trained["no_adapt"]["returns"]
+    assert (again["train_s"], again["train_env_steps"]) == (trained["train_s"], trained["train_env_steps"])
+    mppi = bench("--methods", "mbmpc", "true", "--checkpoints", str(tmp_path / "keep"), "--mpc",
+                 '{"planner": "mppi", "planner_kwargs": {"iterations": 2}}')
+    for arm in ("mbmpc", "true"):
+        assert mppi[arm]["mpc"]["planner"] == "mppi" and mppi[arm]["mpc"]["planner_kwargs"] == {"iterations": 2}
+    assert mppi["mbmpc"]["no_adapt"]["returns"] != trained["no_adapt"]["returns"]
+    bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--quick", "--methods", "grbal", "--checkpoints",
+                          str(tmp_path / "keep")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert bad.returncode != 0 and "no grbal_halfcheetah_crippled.ckpt there" in bad.stderr
