@@ -114,9 +114,10 @@ def run(method: str, env: str, args) -> dict:
         return reference(method, env, args)
     if args.checkpoints:
         model, data, meta = load_kept(method, env, args)
+        # the learning curve was measured with the training config's planner: not carried over to another one
+        curve = [] if args.mpc else meta.get("curve", [])
         return evaluate_learner(method, model, data["env_id"], data.get("env_kwargs"), data.get("past_window", 16),
-                                data.get("future_window", 16), meta["train_env_steps"], meta["train_s"],
-                                meta.get("curve", []), args)
+                                data.get("future_window", 16), meta["train_env_steps"], meta["train_s"], curve, args)
     config = yaml.safe_load((REPO / "configs" / f"{method}_{env}.yaml").read_text())
     # no checkpoints (not kept); the config's monitors only with --monitors (in-training evaluation costs minutes)
     config["trainer"]["callbacks"] = [c for c in config["trainer"].get("callbacks") or []

@@ -73,6 +73,10 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
         return json.loads(out.read_text())["halfcheetah_crippled"]
 
     trained = bench("--methods", "mbmpc", "--keep", str(tmp_path / "keep"))["mbmpc"]
+    sidecar = tmp_path / "keep" / "mbmpc_halfcheetah_crippled.json"
+    kept = json.loads(sidecar.read_text())
+    assert (kept["train_s"], kept["train_env_steps"]) == (trained["train_s"], trained["train_env_steps"])
+    sidecar.write_text(json.dumps({**kept, "curve": [[100.0, 1.5, 0.5]]}))  # as a --monitors run writes it
     again = bench("--methods", "mbmpc", "--checkpoints", str(tmp_path / "keep"))["mbmpc"]
     assert again["no_adapt"]["returns"] == trained["no_adapt"]["returns"]
     assert (again["train_s"], again["train_env_steps"]) == (trained["train_s"], trained["train_env_steps"])
@@ -81,6 +85,7 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
     for arm in ("mbmpc", "true"):
         assert mppi[arm]["mpc"]["planner"] == "mppi" and mppi[arm]["mpc"]["planner_kwargs"] == {"iterations": 2}
     assert mppi["mbmpc"]["no_adapt"]["returns"] != trained["no_adapt"]["returns"]
+    assert again["curve"] == [[100.0, 1.5, 0.5]] and mppi["mbmpc"]["curve"] == []  # a curve is its planner's
     bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--quick", "--methods", "grbal", "--checkpoints",
                           str(tmp_path / "keep")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no grbal_halfcheetah_crippled.ckpt there" in bad.stderr
