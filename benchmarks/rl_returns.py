@@ -254,7 +254,7 @@ def main() -> None:
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 if arm in r:
-                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE else "\n(no adapt)"))
+                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE + REFERENCES else "\n(no adapt)"))
                     means.append(r[arm]["mean_return"])
                     cis.append(r[arm]["ci95"])
         ax.bar(range(len(labels)), means, yerr=cis, capsize=3)
