@@ -175,6 +175,18 @@ def learning_curve(trainer) -> list[list[float]]:
              float(r.get("rollout/test_return_ci95") or "nan")] for r in rows]
 
 
+def json_dict(text: str) -> dict:
+    """``--mpc``'s value: a JSON object, or a clear error."""
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"{text!r} is not JSON ({err}); e.g. '{{\"planner\": \"mppi\"}}'") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"{text!r} must be a JSON object of MPCController arguments, e.g. "
+                                         f"'{{\"planner\": \"mppi\", \"planner_kwargs\": {{\"iterations\": 3}}}}'")
+    return value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--envs", nargs="+", default=None, choices=ENVS,
@@ -198,7 +210,7 @@ def main() -> None:
                         help="planner candidates at evaluation (default: the config's mpc.n_candidates)")
     parser.add_argument("--keep", default=None, help="save each trained learner's checkpoint in this folder "
                         "({method}_{env}.ckpt; for benchmarks/model_quality.py)")
-    parser.add_argument("--mpc", type=json.loads, default={},
+    parser.add_argument("--mpc", type=json_dict, default={},
                         help="planner settings at evaluation for every arm (the true-dynamics one included), over "
                              "the configs' mpc, as JSON: e.g. '{\"planner\": \"mppi\", \"planner_kwargs\": "
                              "{\"iterations\": 3}}' (MPCController arguments)")

@@ -89,3 +89,6 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
     bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--quick", "--methods", "grbal", "--checkpoints",
                           str(tmp_path / "keep")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no grbal_halfcheetah_crippled.ckpt there" in bad.stderr
+    bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--mpc", "[1]"], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "must be a JSON object of MPCController arguments" in bad.stderr

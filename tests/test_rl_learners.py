@@ -132,8 +132,11 @@ def test_mbmpc_open_loop_loss_trains_on_windows_and_refuses_what_it_cannot_use(t
             fit(MBMPC(MLP(1, 2, (8,)), loss_horizon=4 if data.batch_type == "transitions" else 20, **DIMS), data,
                 tmp_path, epochs=1)
         assert data.round == 0 and not len(data.buffer)
-    with pytest.raises(ValueError, match="ReBAL trains on consecutive transitions"):
-        fit(ReBAL(RecurrentDynamics(1, 2, 8, (8,)), **DIMS), drift_data(batch_type="transitions"), tmp_path, epochs=1)
+    for learner in (ReBAL(RecurrentDynamics(1, 2, 8, (8,)), **DIMS), GrBAL(MLP(1, 2, (8,)), **DIMS)):
+        data = drift_data(batch_type="transitions")
+        with pytest.raises(ValueError, match=f"{type(learner).__name__} trains on consecutive transitions"):
+            fit(learner, data, tmp_path, epochs=1)
+        assert data.round == 0
     # called directly (no DataModule), the loss itself says what is wrong
     with pytest.raises(ValueError, match="batch_type='windows'"):
         model.training_loss(Transitions(torch.randn(4, 2), torch.randn(4, 1), torch.randn(4, 2)))

@@ -110,8 +110,9 @@ class DynamicsLearner:
 
     def window_steps_needed(self) -> int:
         """Consecutive transitions a training batch must hold (0: single transitions will do). Checked against the
-        DataModule when the fit starts."""
-        return 0
+        DataModule when the fit starts. Default 2: the meta-learners adapt on a window's past transitions and are
+        scored on its next ones."""
+        return 2
 
     def _needs_what(self) -> str:
         return ""
@@ -224,6 +225,9 @@ class SupervisedDynamics(DynamicsLearner, AdaptiveLearner):
 
     def configure_optimizers(self) -> Any:
         return self.optimizer_factory(self.net.parameters())
+
+    def window_steps_needed(self) -> int:
+        return 0  # a one-step prediction loss: single transitions will do
 
     def adapt(self, support_x: Tensor, support_y: Tensor) -> TaskParams:
         """No adaptation (the default; ReBAL adapts its hidden state): the trained weights for every task."""
