@@ -101,7 +101,7 @@ def run_episode(env_id: str, episode: int, args, levels: list[float] | None = No
                     row = []
                     for level, rng in zip(levels, rngs):
                         noisy_obs = torch.as_tensor(perturbed(env, std, level, rng))[None]
-                        noisy = candidate_returns(TrueDynamics(env).dynamics(args.horizon), reward_fn, noisy_obs,
+                        noisy = candidate_returns(true.dynamics(args.horizon), reward_fn, noisy_obs,
                                                   acts, termination_fn)
                         u.set_state(qpos, qvel)
                         row.append({k: float(v[0]) for k, v in ranking_stats(noisy, real).items()})
