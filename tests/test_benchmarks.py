@@ -16,6 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def smoke_args(tmp: Path) -> dict[str, list[str]]:
     plot = ["--plot", str(tmp / "plot.png")]
     return {
+        "adaptation_strength": ["--quick", *plot],
         "accuracy_budget": ["--quick", "--methods", "iMAML-GD", "MAML", "fine-tune", "--curve-every", "5",
                             "--curve-episodes", "20", "--save-dir", str(tmp / "runs"), *plot],
         "callback_overhead": ["--quick"],
