@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line, save_figure  # noqa: E402
-from model_quality import DEFAULT_ENV, load  # noqa: E402
+from model_quality import DEFAULT_ENV, checkpoint_env, load  # noqa: E402
 
 from lit_meta.rl import GrBAL, MPCController, RolloutCollector  # noqa: E402
 from lit_meta.rl.control import env_reward_fns  # noqa: E402
@@ -84,8 +84,7 @@ def main() -> None:
     print(machine_line())
     if args.checkpoint:
         _, model = load(args.checkpoint, args.learner)
-        ckpt = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-        env_id = args.env_id or ckpt.get("datamodule_hyper_parameters", {}).get("env_id", DEFAULT_ENV)
+        env_id = args.env_id or checkpoint_env(args.checkpoint)
     elif args.quick:
         model, env_id = GrBAL().eval(), args.env_id or DEFAULT_ENV
     else:

@@ -53,6 +53,12 @@ def load(path: str, name: str | None):
     return prefix, model.eval()
 
 
+def checkpoint_env(path: str) -> str:
+    """The env a checkpoint's DataModule collected on (the default env if it has no DataModule)."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    return ckpt.get("datamodule_hyper_parameters", {}).get("env_id", DEFAULT_ENV)
+
+
 def probe(model, env_id: str, args, behaviour: str, adapt: bool) -> dict:
     """Episodes on test tasks acted by the learner's controller ('model') or the true-dynamics planner ('true')."""
     kwargs = {"task_split": "test"}
@@ -108,8 +114,7 @@ def main() -> None:
     for path in args.checkpoints or ["mbmpc_untrained"]:
         if args.checkpoints:
             name, model = load(path, args.learner)
-            ckpt = torch.load(path, map_location="cpu", weights_only=False)
-            env_id = args.env_id or ckpt.get("datamodule_hyper_parameters", {}).get("env_id", DEFAULT_ENV)
+            env_id = args.env_id or checkpoint_env(path)
         else:
             name, model, env_id = "mbmpc", MBMPC().eval(), args.env_id or DEFAULT_ENV
         for behaviour in args.behaviours:

@@ -43,7 +43,7 @@ from common import machine_line  # noqa: E402
 
 from lit_meta.cli import main as cli_main  # noqa: E402
 from lit_meta.rl import RolloutCollector, TrueDynamics, evaluate  # noqa: E402
-from lit_meta.rl.control import return_stats  # noqa: E402
+from lit_meta.rl.control import check_mpc, return_stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grbal", "rebal", "mbmpc", "pets")
@@ -219,6 +219,11 @@ def main() -> None:
     parser.add_argument("--monitors", action="store_true",
                         help="keep the configs' callbacks (DynamicsMonitor evaluates during training: slower)")
     args = parser.parse_args()
+    try:  # a wrong key fails now, not after training; planner_kwargs without a planner: checked at evaluation
+        check_mpc(args.mpc if "planner" in args.mpc else {k: v for k, v in args.mpc.items() if k != "planner_kwargs"},
+                  where="--mpc")
+    except ValueError as err:
+        parser.error(str(err))
     if args.quick:
         args.episodes = min(args.episodes, 2)
     args.envs = args.envs or (list(ENVS) if args.full else ["halfcheetah_crippled"])

@@ -93,3 +93,9 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
     bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--mpc", "[1]"], cwd=REPO, env=env,
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "must be a JSON object of MPCController arguments" in bad.stderr
+    # a misspelt planner setting fails before any training, naming the key and the fix
+    bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--methods", "mbmpc", "--mpc",
+                          '{"planner": "mppi", "planner_kwargs": {"iteratons": 3}}'], cwd=REPO, env=env,
+                         capture_output=True, text=True, timeout=600)
+    assert bad.returncode == 2 and "'iteratons' (= 3) is not an argument of the mppi planner" in bad.stderr
+    assert "did you mean 'iterations'?" in bad.stderr and "fix it in --mpc" in bad.stderr
