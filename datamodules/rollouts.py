@@ -25,6 +25,7 @@ from torch import Tensor
 from lit_meta.episode import Transitions, Window
 from lit_meta.rl.buffer import RolloutBuffer
 from lit_meta.rl.collect import RolloutCollector
+from lit_meta.rl.control import check_action_noise
 
 from .episodic import EpisodicDataModule, require_positive
 
@@ -71,6 +72,9 @@ class RolloutDataModule(EpisodicDataModule):
         n_envs: vectorised envs stepped together during collection. Default 4.
         vectorization_mode: ``"sync"`` or ``"async"`` (gymnasium.vector). Default ``"sync"``.
         capacity: transitions the buffer can hold. Default 1,000,000.
+        action_noise: std of Gaussian noise added to the actions of the MPC collection rounds (action units, clipped
+            to the action bounds): exploration, so that the data hold other actions than the planner's in the states
+            the controller visits. Evaluation and the random rollouts are unaffected. Default 0 (the paper's).
         **kwargs: see :class:`~lit_meta.datamodules.EpisodicDataModule` (``meta_batch_size`` default 32,
             ``steps_per_epoch``, ``eval_episodes``, ``eval_meta_batch_size``, ``seed``); ``num_workers`` must
             stay 0, since worker processes would keep a stale copy of the growing buffer.
@@ -80,11 +84,12 @@ class RolloutDataModule(EpisodicDataModule):
                  past_window: int = 16, future_window: int = 16, batch_type: str = "windows",
                  initial_rollouts: int = 10, rollouts_per_round: int = 10, rollout_length: int = 1000,
                  val_rollouts: int = 4, n_envs: int = 4, vectorization_mode: str = "sync",
-                 capacity: int = 1_000_000, steps_per_epoch: int = 100, **kwargs) -> None:
+                 capacity: int = 1_000_000, steps_per_epoch: int = 100, action_noise: float = 0.0, **kwargs) -> None:
         super().__init__(steps_per_epoch=steps_per_epoch, **kwargs)
         require_positive(past_window=past_window, future_window=future_window, initial_rollouts=initial_rollouts,
                          rollouts_per_round=rollouts_per_round, rollout_length=rollout_length,
                          val_rollouts=val_rollouts, n_envs=n_envs, capacity=capacity)
+        check_action_noise(action_noise, "data.init_args.action_noise")
         if batch_type not in BATCH_TYPES:
             raise ValueError(f"batch_type={batch_type!r} must be one of {BATCH_TYPES}")
         if self.num_workers:
@@ -98,6 +103,7 @@ class RolloutDataModule(EpisodicDataModule):
         self.initial_rollouts, self.rollouts_per_round = initial_rollouts, rollouts_per_round
         self.rollout_length, self.val_rollouts = rollout_length, val_rollouts
         self.n_envs, self.vectorization_mode = n_envs, vectorization_mode
+        self.action_noise = float(action_noise)
         window = past_window + future_window
         self.buffer = RolloutBuffer(capacity, window)
         self.val_buffer = RolloutBuffer(capacity, window)

@@ -255,6 +255,8 @@ BAD_MPC = {
     "cem_alpha": ({"planner": "cem", "planner_kwargs": {"alpha": 1.0}}, r"alpha=1.0: .*\[0, 1\)" + WHERE),
     "cem_default_elites_above_candidates": ({"planner": "cem", "n_candidates": 20},
                                            r"n_elites=50 > n_candidates=20" + WHERE),
+    "action_noise_in_mpc": ({"action_noise": 0.1},
+                            r"'action_noise' \(= 0.1\).*data\.init_args\.action_noise.*collection rounds" + WHERE),
     "negative_seed": ({"seed": -1}, r"seed=-1: must be an int >= 0" + WHERE),
     "adapt_not_bool": ({"adapt": "no"}, r"adapt='no': must be True or False" + WHERE),
     "planner_kwargs_not_a_dict": ({"planner_kwargs": ["iterations", 3]}, r"planner_kwargs=\[.*must be a dict" + WHERE),

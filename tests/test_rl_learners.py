@@ -193,3 +193,57 @@ def test_env_without_reward_fn_is_refused():
 
     with pytest.raises(ValueError, match="CartPole-v1 has no reward_fn"):
         env_reward_fns("CartPole-v1")
+
+
+def test_action_noise_is_added_to_the_planned_action_clipped_and_seen_by_adaptation():
+    """MPCController(action_noise=s): the action taken is clip(planned + s * z), z ~ N(0, 1) from a generator of its
+    own (seeded from the rollouts' seeds), so the planner's stream and warm start are those of the noiseless
+    controller; adaptation's history holds the action taken."""
+    from lit_meta.rl.control import MPCController
+
+    torch.manual_seed(0)
+    model = GrBAL(MLP(1, 2, (16,)), inner_steps=1, inner_lr=0.1, **DIMS)
+    model.normalizer.set_stats({k: torch.as_tensor(v, dtype=torch.float32) for k, v in {
+        "obs_mean": [0.0, 0.0], "obs_std": [1.0, 1.0], "action_mean": [0.0], "action_std": [1.0],
+        "delta_mean": [0.0, 0.0], "delta_std": [1.0, 1.0]}.items()})
+    reward_fn = lambda obs, action, next_obs: -next_obs[..., 0].abs()  # noqa: E731
+    obs = np.array([[0.5, 0.0], [-2.0, 0.0], [4.0, 0.0]], dtype=np.float32)
+    kwargs = dict(planner="cem", horizon=3, n_candidates=16, planner_kwargs={"iterations": 2, "n_elites": 4}, seed=5)
+    plain = MPCController(model, reward_fn, None, np.array([-1.0]), np.array([1.0]), **kwargs)
+    noisy = MPCController(model, reward_fn, None, np.array([-1.0]), np.array([1.0]), action_noise=0.7, **kwargs)
+    for c in (plain, noisy):
+        c.reset([11, 12, 13])
+    z = torch.randn(3, 1, generator=torch.Generator().manual_seed(
+        int(np.random.SeedSequence([11, 12, 13]).generate_state(2)[1])))
+    for step in range(3):
+        planned, taken = plain(obs), noisy(obs)
+        if step == 0:  # same planner stream, same state, no history yet: the same plan
+            assert np.allclose(taken, np.clip(planned + 0.7 * z.numpy(), -1.0, 1.0), atol=1e-6)
+            assert torch.equal(plain.plan, noisy.plan)
+        assert np.abs(taken).max() <= 1.0 and not np.allclose(taken, planned)
+        assert torch.equal(noisy.history[-1][1], torch.as_tensor(taken))
+    again = MPCController(model, reward_fn, None, np.array([-1.0]), np.array([1.0]), action_noise=0.7, **kwargs)
+    again.reset([11, 12, 13])
+    assert np.array_equal(again(obs), noisy.history[0][1].numpy())  # seeded: the same noise again
+
+
+def test_datamodule_action_noise_reaches_the_mpc_rounds_only(tmp_path):
+    """RolloutDataModule(action_noise=s): the MPC collection rounds take noisy actions, the random rollouts and
+    the validation rollouts are those of the noiseless run; a bad value is refused naming the setting."""
+    mpc = {"horizon": 3, "n_candidates": 32}
+    buffers = {}
+    for noise in (0.0, 0.5):
+        L.seed_everything(0)
+        model = MBMPC(MLP(1, 2, (16,)), mpc=mpc, **{**DIMS, "aggregate_every_n_epochs": 1})
+        data = drift_data(rollouts_per_round=2, batch_type="transitions", action_noise=noise)
+        fit(model, data, tmp_path / str(noise))
+        assert data.round == 2
+        buffers[noise] = (data.buffer.data("action"), data.val_buffer.data("obs"))
+    (a0, v0), (a1, v1) = buffers[0.0], buffers[0.5]
+    assert torch.equal(a0[:8 * 50], a1[:8 * 50]) and torch.equal(v0, v1)
+    assert not torch.equal(a0[8 * 50:], a1[8 * 50:]) and a1.abs().max() <= 1.0
+    # random shooting's picks are uniform draws, never exactly on a bound; noise past a bound is clipped onto it
+    assert (a1[8 * 50:].abs() == 1.0).any() and not (a0[8 * 50:].abs() == 1.0).any()
+    for bad in (-0.1, float("nan"), "0.2"):
+        with pytest.raises(ValueError, match=r"action_noise=.*must be a finite number >= 0.*data\.init_args"):
+            drift_data(action_noise=bad)

@@ -35,7 +35,8 @@ _PER_CALL = ("horizon", "n_candidates", "action_low", "action_high", "generator"
 # MPCController arguments its builder supplies (DynamicsLearner.policy, evaluate): not settings of a learner's mpc
 _SUPPLIED = {"learner": "the learner itself", "reward_fn": "the env (env_reward_fns)",
              "termination_fn": "the env (env_reward_fns)", "action_low": "the env's action space",
-             "action_high": "the env's action space", "past_window": "the DataModule (data.init_args.past_window)"}
+             "action_high": "the env's action space", "past_window": "the DataModule (data.init_args.past_window)",
+             "action_noise": "the DataModule (data.init_args.action_noise: exploration in the collection rounds only)"}
 
 
 def env_reward_fns(env_id: str, env_kwargs: dict[str, Any] | None = None) -> tuple[Callable, Callable | None]:
@@ -97,6 +98,14 @@ def _check_settings(adapt: bool, planner: str, horizon: int, n_candidates: int,
             planners._check_mppi_settings(settings["temperature"], settings["iterations"])
     except ValueError as err:
         raise fail(str(err)) from None
+
+
+def check_action_noise(action_noise: float, where: str) -> None:
+    """``action_noise`` (std of the exploration noise, action units) is a finite number >= 0, or a ValueError."""
+    if (isinstance(action_noise, bool) or not isinstance(action_noise, (int, float))
+            or not math.isfinite(action_noise) or action_noise < 0):
+        raise ValueError(f"action_noise={action_noise!r}: must be a finite number >= 0 (the std of the Gaussian "
+                         f"noise added to the actions, in action units; 0: none); fix it in {where}")
 
 
 def mpc_settings() -> dict[str, Any]:
@@ -170,6 +179,9 @@ class MPCController:
         n_candidates: sequences per step (paper 500). planner_kwargs: extra planner arguments (e.g.
             ``iterations``, ``n_elites``, ``temperature``).
         seed: seed of the planner's generator (reset per batch of rollouts from the rollouts' seeds), >= 0.
+        action_noise: std of Gaussian noise added to every action taken (action units, then clipped to the bounds;
+            the noisy action is what adaptation sees), from a generator of its own: exploration for the data
+            collection rounds (``RolloutDataModule(action_noise=...)``). Default 0: the planned action.
 
     The settings (``adapt`` ... ``seed``) are checked here, before any step (:func:`check_mpc`).
     """
@@ -177,10 +189,12 @@ class MPCController:
     def __init__(self, learner, reward_fn: Callable, termination_fn: Callable | None, action_low: Sequence[float],
                  action_high: Sequence[float], past_window: int = 16, adapt: bool = True,
                  planner: Literal["random_shooting", "cem", "mppi"] = "random_shooting", horizon: int = 10,
-                 n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0) -> None:
+                 n_candidates: int = 500, planner_kwargs: dict[str, Any] | None = None, seed: int = 0,
+                 action_noise: float = 0.0) -> None:
         _check_settings(adapt, planner, horizon, n_candidates, planner_kwargs, seed, "the MPCController arguments")
         if past_window < 1:
             raise ValueError(f"past_window={past_window} must be >= 1")
+        check_action_noise(action_noise, "the MPCController arguments")
         self.learner, self.reward_fn, self.termination_fn = learner, reward_fn, termination_fn
         self.true_dynamics = isinstance(learner, TrueDynamics)
         self.device = torch.device("cpu") if self.true_dynamics else next(learner.parameters()).device
@@ -191,13 +205,17 @@ class MPCController:
         self.planner_kwargs = dict(planner_kwargs or {})
         self.warm_start = planner in ("cem", "mppi")
         self.generator = torch.Generator(device=self.device).manual_seed(seed)
+        self.action_noise = float(action_noise)
+        self.noise_generator = torch.Generator(device=self.device).manual_seed(seed)
         self.n_nonfinite = 0  # candidates discarded for non-finite predictions, in total
         self.plan_seconds, self.plan_calls = 0.0, 0  # wall time of adaptation + planning, in total, and calls
         self.reset([seed])
 
     def reset(self, seeds: Sequence[int]) -> None:
-        """Start new episodes: forget the transitions and the warm start; reseed the planner."""
-        self.generator.manual_seed(int(np.random.SeedSequence(list(seeds)).generate_state(1)[0]))
+        """Start new episodes: forget the transitions and the warm start; reseed the planner and the action noise."""
+        planner_seed, noise_seed = np.random.SeedSequence(list(seeds)).generate_state(2)
+        self.generator.manual_seed(int(planner_seed))
+        self.noise_generator.manual_seed(int(noise_seed))
         self.history: list[tuple[Tensor, Tensor]] = []  # (obs, action) of the steps taken, [E, ...] each
         self.plan: Tensor | None = None
 
@@ -235,8 +253,12 @@ class MPCController:
                               generator=self.generator, termination_fn=self.termination_fn, **kwargs)
         self.n_nonfinite += int(result.n_nonfinite.sum())
         self.plan = result.plan
-        self.record(obs_t, result.action)
-        action = result.action.cpu().numpy()
+        action_t = result.action
+        if self.action_noise:  # exploration: the env and adaptation get the noisy action, the warm start the plan
+            noise = torch.randn(action_t.shape, generator=self.noise_generator, device=self.device)
+            action_t = torch.minimum(torch.maximum(action_t + self.action_noise * noise, self.low), self.high)
+        self.record(obs_t, action_t)
+        action = action_t.cpu().numpy()
         self.plan_seconds += time.perf_counter() - start
         self.plan_calls += 1
         return action

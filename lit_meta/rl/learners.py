@@ -145,14 +145,15 @@ class DynamicsLearner:
             self.log("rollout/n_nonfinite", float(controller.n_nonfinite), on_step=False, on_epoch=True, batch_size=1)
 
     def policy(self) -> Callable[[np.ndarray], np.ndarray]:
-        """The controller that collects the next round of rollouts: online adaptation + MPC with this model."""
+        """The controller that collects the next round of rollouts: online adaptation + MPC with this model, plus the
+        DataModule's exploration noise (``action_noise``)."""
         from lit_meta.rl.control import MPCController, env_reward_fns
 
         data = self.trainer.datamodule
         reward_fn, termination_fn = env_reward_fns(data.env_id, {**data.env_kwargs, "task_split": "train"})
         collector = data.collector("train")
         return MPCController(self, reward_fn, termination_fn, collector.action_low, collector.action_high,
-                             past_window=data.past_window, **self.mpc)
+                             past_window=data.past_window, action_noise=getattr(data, "action_noise", 0.0), **self.mpc)
 
 
 class GrBAL(DynamicsLearner, MAML):
