@@ -16,6 +16,8 @@ reference arms need no training: ``true`` (the same planner with the true MuJoCo
     python benchmarks/rl_returns.py --methods grbal --monitors --keep DIR    # + learning curve, checkpoint kept
     python benchmarks/rl_returns.py --full                                   # all three envs, all methods
     python benchmarks/rl_returns.py --load a.json b.json     # table + plots from earlier --json runs
+    python benchmarks/rl_returns.py --methods mbmpc --json seed1.json --set --seed_everything 1   # then --load
+                                   # seed*.json: a row per training seed and the mean over seeds +- 95% CI
     python benchmarks/rl_returns.py --checkpoints DIR --mpc '{"planner": "mppi", "planner_kwargs": {"iterations": 3}}'
                                    # no training: evaluate DIR's --keep checkpoints, every arm with these planner settings
 
@@ -137,8 +139,8 @@ def run(method: str, env: str, args) -> dict:
             (Path(args.keep) / f"{method}_{env}.json").write_text(json.dumps(
                 {"train_s": train_s, "curve": curve, "train_env_steps": len(cli.datamodule.buffer)}))
     model, data = cli.model, cli.datamodule
-    return evaluate_learner(method, model, data.env_id, data.env_kwargs, data.past_window, data.future_window,
-                            len(data.buffer), train_s, curve, args)
+    return {**evaluate_learner(method, model, data.env_id, data.env_kwargs, data.past_window, data.future_window,
+                               len(data.buffer), train_s, curve, args), "overrides": list(args.set)}
 
 
 def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: int, future_window: int,
@@ -158,6 +160,40 @@ def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: i
               f"pred error {result['pred_error_pre']:.4f} -> {result['pred_error_post']:.4f}, "
               f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
     return {"train_env_steps": train_env_steps, "train_s": train_s, "mpc": mpc, "curve": curve, **rows}
+
+
+def pool_runs(runs: list[tuple[str, dict]]) -> dict:
+    """One method's result from several ``--json`` files (runs with other training seeds, say): alone, the run as it
+    is; else each arm's ``mean_return`` is the mean of the runs' means with a 95% CI across runs (Student's t with
+    runs - 1 degrees of freedom: the spread between training runs, not between episodes), the other figures their
+    means, and ``runs`` keeps ``[(label, run), ...]`` for the table's per-run rows. Runs evaluated with different
+    planner settings or episode lengths are refused: their returns do not pool."""
+    if len(runs) == 1:
+        return runs[0][1]
+    from scipy import stats
+
+    first_label, first = runs[0]
+    for label, r in runs[1:]:
+        if r.get("mpc") != first.get("mpc") or set(r) & {"adapt", "no_adapt"} != set(first) & {"adapt", "no_adapt"}:
+            raise SystemExit(f"--load: {label} and {first_label} hold the same method under different planner "
+                             f"settings or arms ({r.get('mpc')} vs {first.get('mpc')}): load them separately")
+    n = len(runs)
+    pooled = {"train_env_steps": int(np.mean([r["train_env_steps"] for _, r in runs])),
+              "train_s": float(np.mean([r["train_s"] for _, r in runs])), "mpc": first.get("mpc"), "curve": [],
+              "runs": runs}
+    for arm in ("adapt", "no_adapt"):
+        if arm not in first:
+            continue
+        means = np.array([r[arm]["mean_return"] for _, r in runs])
+        lengths = {len(r[arm]["returns"]) for _, r in runs}
+        pooled[arm] = {
+            "mean_return": float(means.mean()),
+            "ci95": float(stats.t.ppf(0.975, n - 1) * means.std(ddof=1) / np.sqrt(n)),
+            "returns": means.tolist(),  # one per run
+            "episodes_per_run": sorted(lengths),
+            **{k: float(np.mean([r[arm][k] for _, r in runs]))
+               for k in ("pred_error_pre", "pred_error_post", "eval_s", "planner_ms_per_step")}}
+    return pooled
 
 
 def learning_curve(trainer) -> list[list[float]]:
@@ -204,7 +240,9 @@ def main() -> None:
                              "--model.init_args.mpc '{\"n_candidates\": 200}' --trainer.max_epochs 4")
     parser.add_argument("--plot", default=None, help="bar chart (default docs/rl_returns.png; a temp file with --quick)")
     parser.add_argument("--json", default=None, help="also write the results here (after each env)")
-    parser.add_argument("--load", nargs="+", default=None, help="only print and plot these --json files, merged")
+    parser.add_argument("--load", nargs="+", default=None,
+                        help="only print and plot these --json files, merged; a method in several files (other "
+                             "training seeds): a row per file and their mean +- 95%% CI across runs")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--eval-candidates", type=int, default=None,
                         help="planner candidates at evaluation (default: the config's mpc.n_candidates)")
@@ -231,10 +269,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     print(machine_line())
     if args.load:
-        results = {}
+        runs: dict = {}  # env -> method -> [(file stem, result), ...]
         for path in args.load:
             for env, by_method in json.loads(Path(path).read_text()).items():
-                results.setdefault(env, {}).update(by_method)
+                for method, r in by_method.items():
+                    runs.setdefault(env, {}).setdefault(method, []).append((Path(path).stem, r))
+        results = {env: {m: pool_runs(rs) for m, rs in by_method.items()} for env, by_method in runs.items()}
     else:
         results = {}
         for env in args.envs:
@@ -254,7 +294,14 @@ def main() -> None:
                 if arm not in r:
                     continue
                 e = r[arm]
-                print(f"{env:<22} {method:<8} {'yes' if arm == 'adapt' else 'no':<5} "
+                for label, run_r in r.get("runs", []):  # one row per run, then their pooled row
+                    run_e = run_r[arm]
+                    print(f"{'  ' + label:<22} {method:<8} {'yes' if arm == 'adapt' else 'no':<5} "
+                          f"{run_e['mean_return']:>9.1f} +- {run_e['ci95']:<6.1f} {run_e['pred_error_pre']:>13.4f} "
+                          f"{run_e['pred_error_post']:>8.4f} {run_r['train_env_steps']:>11,} {run_r['train_s']:>8.0f} "
+                          f"{run_e['eval_s']:>7.0f} {run_e['planner_ms_per_step']:>8.0f}")
+                name = f"{method} ({len(r['runs'])} runs)" if r.get("runs") else method
+                print(f"{env:<22} {name:<8} {'yes' if arm == 'adapt' else 'no':<5} "
                       f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
                       f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f} "
                       f"{e['planner_ms_per_step']:>8.0f}")
@@ -271,9 +318,12 @@ def main() -> None:
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 if arm in r:
-                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE + REFERENCES else "\n(no adapt)"))
+                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE + REFERENCES else "\n(no adapt)")
+                                  + (f"\n{len(r['runs'])} runs" if r.get("runs") else ""))
                     means.append(r[arm]["mean_return"])
                     cis.append(r[arm]["ci95"])
+                    if r.get("runs"):  # pooled: each run's mean as a dot on its bar
+                        ax.plot([len(labels) - 1] * len(r["runs"]), r[arm]["returns"], "k.", ms=4, zorder=3)
         ax.bar(range(len(labels)), means, yerr=cis, capsize=3)
         ax.set_xticks(range(len(labels)), labels, fontsize=7)
         ax.set_title(env, fontsize=9)

@@ -87,6 +87,17 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
         assert mppi[arm]["mpc"]["planner"] == "mppi" and mppi[arm]["mpc"]["planner_kwargs"] == {"iterations": 2}
     assert mppi["mbmpc"]["no_adapt"]["returns"] != trained["no_adapt"]["returns"]
     assert again["curve"] == [[100.0, 1.5, 0.5]] and mppi["mbmpc"]["curve"] == []  # a curve is its planner's
+    # --load pools a method found in several files (training seeds): a row per file, then the pooled row
+    pooled = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--load", str(tmp_path / "run0.json"),
+                             str(tmp_path / "run1.json"), "--plot", str(tmp_path / "pooled.png")], cwd=REPO, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert pooled.returncode == 0, (pooled.stdout + pooled.stderr)[-4000:]
+    assert "  run0" in pooled.stdout and "  run1" in pooled.stdout and "mbmpc (2 runs)" in pooled.stdout
+    assert (tmp_path / "pooled.png").is_file()
+    mixed = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--load", str(tmp_path / "run0.json"),
+                            str(tmp_path / "run2.json"), "--plot", str(tmp_path / "mixed.png")], cwd=REPO, env=env,
+                           capture_output=True, text=True, timeout=600)
+    assert mixed.returncode != 0 and "under different planner settings" in mixed.stderr
     bad = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--quick", "--methods", "grbal", "--checkpoints",
                           str(tmp_path / "keep")], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert bad.returncode != 0 and "no grbal_halfcheetah_crippled.ckpt there" in bad.stderr
@@ -99,3 +110,24 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
                          capture_output=True, text=True, timeout=600)
     assert bad.returncode == 2 and "'iteratons' (= 3) is not an argument of the mppi planner" in bad.stderr
     assert "did you mean 'iterations'?" in bad.stderr and "fix it in --mpc" in bad.stderr
+
+
+def test_rl_returns_pools_runs_across_training_seeds():
+    """Several runs of one method: the mean of their means, with Student's t CI across runs (closed form here)."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from rl_returns import pool_runs
+
+    def run(mean: float, mpc: dict | None = None) -> dict:
+        arm = {"returns": [mean - 1, mean + 1], "mean_return": mean, "ci95": 1.0, "pred_error_pre": 0.1,
+               "pred_error_post": 0.1, "eval_s": 2.0, "planner_ms_per_step": 5.0}
+        return {"train_env_steps": 100, "train_s": 10.0, "mpc": mpc or {"planner": "mppi"}, "no_adapt": arm}
+
+    one = run(7.0)
+    assert pool_runs([("a", one)]) is one
+    pooled = pool_runs([("s0", run(100.0)), ("s1", run(150.0)), ("s2", run(200.0))])
+    # mean 150, sample sd 50, t(0.975, 2 dof) = 4.302653
+    assert pooled["no_adapt"]["mean_return"] == pytest.approx(150.0)
+    assert pooled["no_adapt"]["ci95"] == pytest.approx(4.302653 * 50 / 3 ** 0.5, rel=1e-5)
+    assert pooled["no_adapt"]["returns"] == [100.0, 150.0, 200.0] and [r[0] for r in pooled["runs"]] == ["s0", "s1", "s2"]
+    with pytest.raises(SystemExit, match="different planner settings"):
+        pool_runs([("s0", run(1.0)), ("s1", run(2.0, {"planner": "cem"}))])
