@@ -18,6 +18,7 @@ reference arms need no training: ``true`` (the same planner with the true MuJoCo
     python benchmarks/rl_returns.py --load a.json b.json     # table + plots from earlier --json runs
     python benchmarks/rl_returns.py --methods mbmpc --json seed1.json --set --seed_everything 1   # then --load
                                    # seed*.json: a row per training seed and the mean over seeds +- 95% CI
+    python benchmarks/rl_returns.py --checkpoints DIR --eval-seed 4321      # kept learners on fresh episodes
     python benchmarks/rl_returns.py --checkpoints DIR --mpc '{"planner": "mppi", "planner_kwargs": {"iterations": 3}}'
                                    # no training: evaluate DIR's --keep checkpoints, every arm with these planner settings
 
@@ -78,12 +79,12 @@ def reference(method: str, env: str, args) -> dict:
     start = time.perf_counter()
     if method == "true":
         result = evaluate(TrueDynamics(), data["env_id"], "test", episodes=args.episodes, episode_length=length,
-                          env_kwargs=data.get("env_kwargs"), n_envs=min(args.episodes, 5), seed=1234, **mpc)
+                          env_kwargs=data.get("env_kwargs"), n_envs=min(args.episodes, 5), seed=args.eval_seed, **mpc)
     else:
         collector = RolloutCollector(data["env_id"], {**(data.get("env_kwargs") or {}), "task_split": "test"},
                                      n_envs=min(args.episodes, 5))
         try:
-            rollouts = collector.collect(collector.random_policy(), 1234, 0, range(args.episodes), length)
+            rollouts = collector.collect(collector.random_policy(), args.eval_seed, 0, range(args.episodes), length)
         finally:
             collector.close()
         result = {**return_stats(rollouts), "pred_error_pre": float("nan"), "pred_error_post": float("nan"),
@@ -91,7 +92,8 @@ def reference(method: str, env: str, args) -> dict:
     result["eval_s"] = time.perf_counter() - start
     print(f"{env} {method}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
           f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
-    return {"train_env_steps": 0, "train_s": 0.0, "mpc": mpc if method == "true" else {}, "no_adapt": result}
+    return {"train_env_steps": 0, "train_s": 0.0, "mpc": mpc if method == "true" else {}, "eval_seed": args.eval_seed,
+            "no_adapt": result}
 
 
 def load_kept(method: str, env: str, args):
@@ -153,13 +155,27 @@ def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: i
         start = time.perf_counter()
         result = evaluate(model, env_id, "test", episodes=args.episodes, episode_length=length,
                           env_kwargs=env_kwargs, n_envs=min(args.episodes, 5), past_window=past_window,
-                          future_window=future_window, adapt=adapt, seed=1234, **mpc)
+                          future_window=future_window, adapt=adapt, seed=args.eval_seed, **mpc)
         result["eval_s"] = time.perf_counter() - start
         rows["adapt" if adapt else "no_adapt"] = result
         print(f"{env_id} {method} adapt={adapt}: return {result['mean_return']:.1f} +- {result['ci95']:.1f}, "
               f"pred error {result['pred_error_pre']:.4f} -> {result['pred_error_post']:.4f}, "
               f"{result['planner_ms_per_step']:.0f} ms/step", flush=True)
-    return {"train_env_steps": train_env_steps, "train_s": train_s, "mpc": mpc, "curve": curve, **rows}
+    return {"train_env_steps": train_env_steps, "train_s": train_s, "mpc": mpc, "eval_seed": args.eval_seed,
+            "curve": curve, **rows}
+
+
+def variant(result: dict) -> str:
+    """What a run's ``--set`` overrides changed besides the training seed, as a label suffix (``""`` for none):
+    ``['--seed_everything', '2', '--data.init_args.action_noise', '0.3']`` -> ``" [action_noise=0.3]"``."""
+    tokens, pairs = list(result.get("overrides") or []), []
+    while tokens:
+        key = tokens.pop(0)
+        value = tokens.pop(0) if "=" not in key and tokens and not tokens[0].startswith("--") else ""
+        key, _, inline = key.partition("=")
+        if key.lstrip("-") != "seed_everything":
+            pairs.append(f"{key.rsplit('.', 1)[-1].lstrip('-')}={inline or value}")
+    return f" [{', '.join(pairs)}]" if pairs else ""
 
 
 def pool_runs(runs: list[tuple[str, dict]]) -> dict:
@@ -232,6 +248,9 @@ def main() -> None:
                              "and 'random' (uniform random actions)")
     parser.add_argument("--episodes", type=int, default=10)
     parser.add_argument("--episode-length", type=int, default=1000)
+    parser.add_argument("--eval-seed", type=int, default=1234,
+                        help="seed of the test episodes (tasks, start states, planner); another value gives fresh "
+                             "episodes, e.g. to re-evaluate --checkpoints on episodes no choice was made on")
     size = parser.add_mutually_exclusive_group()
     size.add_argument("--quick", action="store_true", help="tiny budget and short episodes (smoke test)")
     size.add_argument("--full", action="store_true", help="every env of the comparison (%s)" % ", ".join(ENVS))
@@ -272,8 +291,8 @@ def main() -> None:
         runs: dict = {}  # env -> method -> [(file stem, result), ...]
         for path in args.load:
             for env, by_method in json.loads(Path(path).read_text()).items():
-                for method, r in by_method.items():
-                    runs.setdefault(env, {}).setdefault(method, []).append((Path(path).stem, r))
+                for method, r in by_method.items():  # runs of one method with other settings: rows apart
+                    runs.setdefault(env, {}).setdefault(method + variant(r), []).append((Path(path).stem, r))
         results = {env: {m: pool_runs(rs) for m, rs in by_method.items()} for env, by_method in runs.items()}
     else:
         results = {}
@@ -286,7 +305,7 @@ def main() -> None:
                 results[env][m] = run(m, env, args)
             if args.json:
                 Path(args.json).write_text(json.dumps(results, indent=1))
-    print(f"{'env':<22} {'method':<8} {'adapt':<5} {'return':>18} {'pred err pre':>13} {'post':>8} "
+    print(f"{'env':<22} {'method':<15} {'adapt':<5} {'return':>18} {'pred err pre':>13} {'post':>8} "
           f"{'train steps':>11} {'train s':>8} {'eval s':>7} {'ms/step':>8}")
     for env, by_method in results.items():
         for method, r in by_method.items():
@@ -296,12 +315,12 @@ def main() -> None:
                 e = r[arm]
                 for label, run_r in r.get("runs", []):  # one row per run, then their pooled row
                     run_e = run_r[arm]
-                    print(f"{'  ' + label:<22} {method:<8} {'yes' if arm == 'adapt' else 'no':<5} "
+                    print(f"{'  ' + label:<22} {method:<15} {'yes' if arm == 'adapt' else 'no':<5} "
                           f"{run_e['mean_return']:>9.1f} +- {run_e['ci95']:<6.1f} {run_e['pred_error_pre']:>13.4f} "
                           f"{run_e['pred_error_post']:>8.4f} {run_r['train_env_steps']:>11,} {run_r['train_s']:>8.0f} "
                           f"{run_e['eval_s']:>7.0f} {run_e['planner_ms_per_step']:>8.0f}")
                 name = f"{method} ({len(r['runs'])} runs)" if r.get("runs") else method
-                print(f"{env:<22} {name:<8} {'yes' if arm == 'adapt' else 'no':<5} "
+                print(f"{env:<22} {name:<15} {'yes' if arm == 'adapt' else 'no':<5} "
                       f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
                       f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f} "
                       f"{e['planner_ms_per_step']:>8.0f}")
@@ -318,7 +337,9 @@ def main() -> None:
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 if arm in r:
-                    labels.append(method + ("" if arm == "adapt" or method in NON_ADAPTIVE + REFERENCES else "\n(no adapt)")
+                    base = method.split(" ")[0]  # without its variant
+                    labels.append(method.replace(" [", "\n[") + ("" if arm == "adapt" or base in NON_ADAPTIVE + REFERENCES
+                                                                 else "\n(no adapt)")
                                   + (f"\n{len(r['runs'])} runs" if r.get("runs") else ""))
                     means.append(r[arm]["mean_return"])
                     cis.append(r[arm]["ci95"])

@@ -87,6 +87,9 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
         assert mppi[arm]["mpc"]["planner"] == "mppi" and mppi[arm]["mpc"]["planner_kwargs"] == {"iterations": 2}
     assert mppi["mbmpc"]["no_adapt"]["returns"] != trained["no_adapt"]["returns"]
     assert again["curve"] == [[100.0, 1.5, 0.5]] and mppi["mbmpc"]["curve"] == []  # a curve is its planner's
+    fresh = bench("--methods", "mbmpc", "--checkpoints", str(tmp_path / "keep"), "--eval-seed", "4321")["mbmpc"]
+    assert (fresh["eval_seed"], again["eval_seed"]) == (4321, 1234)  # other episodes, the same model
+    assert fresh["no_adapt"]["returns"] != again["no_adapt"]["returns"]
     # --load pools a method found in several files (training seeds): a row per file, then the pooled row
     pooled = subprocess.run([sys.executable, "benchmarks/rl_returns.py", "--load", str(tmp_path / "run0.json"),
                              str(tmp_path / "run1.json"), "--plot", str(tmp_path / "pooled.png")], cwd=REPO, env=env,
@@ -115,7 +118,7 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
 def test_rl_returns_pools_runs_across_training_seeds():
     """Several runs of one method: the mean of their means, with Student's t CI across runs (closed form here)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from rl_returns import pool_runs
+    from rl_returns import pool_runs, variant
 
     def run(mean: float, mpc: dict | None = None) -> dict:
         arm = {"returns": [mean - 1, mean + 1], "mean_return": mean, "ci95": 1.0, "pred_error_pre": 0.1,
@@ -129,5 +132,11 @@ def test_rl_returns_pools_runs_across_training_seeds():
     assert pooled["no_adapt"]["mean_return"] == pytest.approx(150.0)
     assert pooled["no_adapt"]["ci95"] == pytest.approx(4.302653 * 50 / 3 ** 0.5, rel=1e-5)
     assert pooled["no_adapt"]["returns"] == [100.0, 150.0, 200.0] and [r[0] for r in pooled["runs"]] == ["s0", "s1", "s2"]
+    # runs pool under one row only when their --set overrides differ in the training seed alone
+    assert variant({"overrides": ["--seed_everything", "2", "--data.init_args.action_noise", "0.3"]}) == \
+        " [action_noise=0.3]"
+    assert variant({"overrides": ["--seed_everything=3"]}) == variant({}) == ""
+    assert variant({"overrides": ["--trainer.max_epochs=4", "--model.init_args.mpc", '{"horizon": 5}']}) == \
+        ' [max_epochs=4, mpc={"horizon": 5}]'
     with pytest.raises(SystemExit, match="different planner settings"):
         pool_runs([("s0", run(1.0)), ("s1", run(2.0, {"planner": "cem"}))])
