@@ -165,6 +165,29 @@ def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: i
             "curve": curve, **rows}
 
 
+def print_by_task(results: dict) -> None:
+    """Each arm's returns split by the episodes' task (their task vectors at the start; results written before
+    ``tasks`` was recorded, and pooled runs, are left out): where the mean hides one task's failure."""
+    rows = []
+    for env, by_method in results.items():
+        for method, r in by_method.items():
+            for arm in ("adapt", "no_adapt"):
+                tasks = r.get(arm, {}).get("tasks") if not r.get("runs") else None
+                if not tasks or len({tuple(t) for t in tasks}) < 2:
+                    continue
+                returns = np.array(r[arm]["returns"])
+                for task in sorted({tuple(t) for t in tasks}):
+                    x = returns[[tuple(t) == task for t in tasks]]
+                    ci = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0
+                    rows.append(f"{env:<22} {method:<15} {'yes' if arm == 'adapt' else 'no':<5} "
+                                f"{np.array2string(np.array(task), precision=2, separator=','):<30} "
+                                f"{x.mean():>9.1f} +- {ci:<6.1f} {len(x):>3}")
+    if rows:
+        print(f"\nby task (the task vector at each episode's start)\n{'env':<22} {'method':<15} {'adapt':<5} "
+              f"{'task vector':<30} {'return':>18} {'n':>3}")
+        print("\n".join(rows))
+
+
 def variant(result: dict) -> str:
     """What a run's ``--set`` overrides changed besides the training seed, as a label suffix (``""`` for none):
     ``['--seed_everything', '2', '--data.init_args.action_noise', '0.3']`` -> ``" [action_noise=0.3]"``."""
@@ -324,6 +347,7 @@ def main() -> None:
                       f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
                       f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f} "
                       f"{e['planner_ms_per_step']:>8.0f}")
+    print_by_task(results)
     plot = Path(args.plot) if args.plot else (Path(tempfile.gettempdir()) / "rl_returns.png" if args.quick
                                               else REPO / "docs" / "rl_returns.png")
     import matplotlib

@@ -74,6 +74,7 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
         return json.loads(out.read_text())["halfcheetah_crippled"]
 
     trained = bench("--methods", "mbmpc", "--keep", str(tmp_path / "keep"))["mbmpc"]
+    assert len(trained["no_adapt"]["tasks"]) == 1  # the episode's task, for the by-task table
     sidecar = tmp_path / "keep" / "mbmpc_halfcheetah_crippled.json"
     kept = json.loads(sidecar.read_text())
     assert (kept["train_s"], kept["train_env_steps"]) == (trained["train_s"], trained["train_env_steps"])
@@ -118,7 +119,7 @@ def test_rl_returns_evaluates_kept_checkpoints_with_other_planner_settings(tmp_p
 def test_rl_returns_pools_runs_across_training_seeds():
     """Several runs of one method: the mean of their means, with Student's t CI across runs (closed form here)."""
     sys.path.insert(0, str(REPO / "benchmarks"))
-    from rl_returns import pool_runs, variant
+    from rl_returns import pool_runs, print_by_task, variant
 
     def run(mean: float, mpc: dict | None = None) -> dict:
         arm = {"returns": [mean - 1, mean + 1], "mean_return": mean, "ci95": 1.0, "pred_error_pre": 0.1,
@@ -140,3 +141,17 @@ def test_rl_returns_pools_runs_across_training_seeds():
         ' [max_epochs=4, mpc={"horizon": 5}]'
     with pytest.raises(SystemExit, match="different planner settings"):
         pool_runs([("s0", run(1.0)), ("s1", run(2.0, {"planner": "cem"}))])
+
+
+def test_rl_returns_splits_returns_by_task(capsys):
+    """The by-task table: each task's episodes' mean return +- 1.96 standard errors, and their count."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from rl_returns import print_by_task
+
+    arm = {"returns": [10.0, 20.0, 300.0, 30.0], "tasks": [[0, 1], [0, 1], [1, 0], [0, 1]]}
+    print_by_task({"env": {"grbal": {"adapt": arm}, "true": {"no_adapt": {**arm, "tasks": [[0, 1]] * 4}}}})
+    lines = capsys.readouterr().out.splitlines()
+    rows = [line.split() for line in lines if line.startswith("env ") and "method" not in line]
+    assert len(rows) == 2  # one task only (true): nothing to split
+    assert rows[0][3:] == ["[0,1]", "20.0", "+-", "11.3", "3"]  # 1.96 * 10 / sqrt(3) = 11.3
+    assert rows[1][3:] == ["[1,0]", "300.0", "+-", "0.0", "1"]

@@ -90,6 +90,10 @@ def test_true_dynamics_planner_runs_the_cheetah_forward():
     random = collector.collect(collector.random_policy(), 0, 0, range(2), 40)
     collector.close()
     assert result["mean_return"] > 20 > max(float(r.reward.sum()) for r in random)
+    # each episode's task as the env reported it (the draw depends on the seed, not the policy): a test-split joint
+    assert result["tasks"] == [r.task_vector[0].tolist() for r in random]
+    test_joints = {tuple(float(i == j) for i in range(6)) for j in (1, 4)}  # bshin, fshin: one-hot of the joint
+    assert {tuple(t) for t in result["tasks"]} <= test_joints
 
 
 def test_spearman_matches_scipy():

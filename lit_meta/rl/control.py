@@ -294,12 +294,14 @@ def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future
 
 
 def return_stats(rollouts: Sequence[Rollout]) -> dict[str, Any]:
-    """``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors; 0 for one episode) and
-    ``env_steps`` of whole episodes."""
+    """``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors; 0 for one episode),
+    ``env_steps`` of whole episodes and ``tasks``: each episode's task vector at its first step (``[]`` for envs
+    without tasks), to split the returns by task."""
     returns = np.array([float(r.reward.double().sum()) for r in rollouts])
     ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
     return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
-            "env_steps": int(sum(r.length for r in rollouts))}
+            "env_steps": int(sum(r.length for r in rollouts)),
+            "tasks": [r.task_vector[0].tolist() if r.length else [] for r in rollouts]}
 
 
 def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10, episode_length: int = 1000,
@@ -311,7 +313,8 @@ def evaluate(learner, env_id: str, task_split: str = "test", episodes: int = 10,
     ``learner``: a trained dynamics learner, or a :class:`~lit_meta.rl.true_dynamics.TrueDynamics` (unbound:
     it is bound to this evaluation's own envs; the prediction errors are then NaN: there is no model to score).
 
-    Returns a dict: ``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors),
+    Returns a dict: ``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors), ``tasks`` (each
+    episode's task vector at its start),
     ``pred_error_pre`` / ``pred_error_post`` (:func:`prediction_errors` on the episodes' windows),
     ``env_steps`` (taken), ``n_nonfinite`` (planner candidates discarded), ``planner_ms_per_step`` (mean wall
     time of one controller call: adaptation + planning for all ``n_envs`` environments).
