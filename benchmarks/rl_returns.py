@@ -46,7 +46,7 @@ from common import machine_line  # noqa: E402
 
 from lit_meta.cli import main as cli_main  # noqa: E402
 from lit_meta.rl import RolloutCollector, TrueDynamics, evaluate  # noqa: E402
-from lit_meta.rl.control import check_mpc, return_stats  # noqa: E402
+from lit_meta.rl.control import check_mpc, ci95, return_stats  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 METHODS = ("grbal", "rebal", "mbmpc", "pets")
@@ -178,10 +178,9 @@ def print_by_task(results: dict) -> None:
                 returns = np.array(r[arm]["returns"])
                 for task in sorted({tuple(t) for t in tasks}):
                     x = returns[[tuple(t) == task for t in tasks]]
-                    ci = 1.96 * x.std(ddof=1) / np.sqrt(len(x)) if len(x) > 1 else 0.0
                     rows.append(f"{env:<22} {method:<15} {'yes' if arm == 'adapt' else 'no':<5} "
                                 f"{np.array2string(np.array(task), precision=2, separator=','):<30} "
-                                f"{x.mean():>9.1f} +- {ci:<6.1f} {len(x):>3}")
+                                f"{x.mean():>9.1f} +- {ci95(x):<6.1f} {len(x):>3}")
     if rows:
         print(f"\nby task (the task vector at each episode's start)\n{'env':<22} {'method':<15} {'adapt':<5} "
               f"{'task vector':<30} {'return':>18} {'n':>3}")
@@ -206,7 +205,7 @@ def pool_runs(runs: list[tuple[str, dict]]) -> dict:
     is; else each arm's ``mean_return`` is the mean of the runs' means with a 95% CI across runs (Student's t with
     runs - 1 degrees of freedom: the spread between training runs, not between episodes), the other figures their
     means, and ``runs`` keeps ``[(label, run), ...]`` for the table's per-run rows. Runs evaluated with different
-    planner settings or episode lengths are refused: their returns do not pool."""
+    planner settings or arms are refused: their returns do not pool."""
     if len(runs) == 1:
         return runs[0][1]
     from scipy import stats
@@ -224,12 +223,10 @@ def pool_runs(runs: list[tuple[str, dict]]) -> dict:
         if arm not in first:
             continue
         means = np.array([r[arm]["mean_return"] for _, r in runs])
-        lengths = {len(r[arm]["returns"]) for _, r in runs}
         pooled[arm] = {
             "mean_return": float(means.mean()),
             "ci95": float(stats.t.ppf(0.975, n - 1) * means.std(ddof=1) / np.sqrt(n)),
             "returns": means.tolist(),  # one per run
-            "episodes_per_run": sorted(lengths),
             **{k: float(np.mean([r[arm][k] for _, r in runs]))
                for k in ("pred_error_pre", "pred_error_post", "eval_s", "planner_ms_per_step")}}
     return pooled
@@ -335,18 +332,14 @@ def main() -> None:
             for arm in ("adapt", "no_adapt"):
                 if arm not in r:
                     continue
-                e = r[arm]
-                for label, run_r in r.get("runs", []):  # one row per run, then their pooled row
-                    run_e = run_r[arm]
-                    print(f"{'  ' + label:<22} {method:<15} {'yes' if arm == 'adapt' else 'no':<5} "
-                          f"{run_e['mean_return']:>9.1f} +- {run_e['ci95']:<6.1f} {run_e['pred_error_pre']:>13.4f} "
-                          f"{run_e['pred_error_post']:>8.4f} {run_r['train_env_steps']:>11,} {run_r['train_s']:>8.0f} "
-                          f"{run_e['eval_s']:>7.0f} {run_e['planner_ms_per_step']:>8.0f}")
-                name = f"{method} ({len(r['runs'])} runs)" if r.get("runs") else method
-                print(f"{env:<22} {name:<15} {'yes' if arm == 'adapt' else 'no':<5} "
-                      f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
-                      f"{e['pred_error_post']:>8.4f} {r['train_env_steps']:>11,} {r['train_s']:>8.0f} {e['eval_s']:>7.0f} "
-                      f"{e['planner_ms_per_step']:>8.0f}")
+                rows = [("  " + label, method, run_r) for label, run_r in r.get("runs", [])]  # per run, then pooled
+                rows.append((env, f"{method} ({len(r['runs'])} runs)" if r.get("runs") else method, r))
+                for first, name, row in rows:
+                    e = row[arm]
+                    print(f"{first:<22} {name:<15} {'yes' if arm == 'adapt' else 'no':<5} "
+                          f"{e['mean_return']:>9.1f} +- {e['ci95']:<6.1f} {e['pred_error_pre']:>13.4f} "
+                          f"{e['pred_error_post']:>8.4f} {row['train_env_steps']:>11,} {row['train_s']:>8.0f} "
+                          f"{e['eval_s']:>7.0f} {e['planner_ms_per_step']:>8.0f}")
     print_by_task(results)
     plot = Path(args.plot) if args.plot else (Path(tempfile.gettempdir()) / "rl_returns.png" if args.quick
                                               else REPO / "docs" / "rl_returns.png")

@@ -293,13 +293,18 @@ def prediction_errors(learner, rollouts: list[Rollout], past_window: int, future
     return {"pred_error_pre": pre, "pred_error_post": post}
 
 
+def ci95(values) -> float:
+    """Half-width of the 95% CI of the mean of ``values``: 1.96 standard errors (0 for one value)."""
+    values = np.asarray(values, dtype=float)
+    return float(1.96 * values.std(ddof=1) / math.sqrt(len(values))) if len(values) > 1 else 0.0
+
+
 def return_stats(rollouts: Sequence[Rollout]) -> dict[str, Any]:
     """``returns`` (per episode), ``mean_return``, ``ci95`` (1.96 standard errors; 0 for one episode),
     ``env_steps`` of whole episodes and ``tasks``: each episode's task vector at its first step (``[]`` for envs
     without tasks), to split the returns by task."""
     returns = np.array([float(r.reward.double().sum()) for r in rollouts])
-    ci95 = 1.96 * returns.std(ddof=1) / math.sqrt(len(returns)) if len(returns) > 1 else 0.0
-    return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": float(ci95),
+    return {"returns": returns.tolist(), "mean_return": float(returns.mean()), "ci95": ci95(returns),
             "env_steps": int(sum(r.length for r in rollouts)),
             "tasks": [r.task_vector[0].tolist() if r.length else [] for r in rollouts]}
 
