@@ -59,6 +59,11 @@ def checkpoint_env(path: str) -> str:
     return ckpt.get("datamodule_hyper_parameters", {}).get("env_id", DEFAULT_ENV)
 
 
+def forward_speed(obs: torch.Tensor, next_obs: torch.Tensor, dt: float) -> float:
+    """Mean forward speed of one episode (m/s) from its observations ``[L, obs_dim]`` (x in ``obs[:, 0]``)."""
+    return float(next_obs[-1, 0] - obs[0, 0]) / (len(obs) * dt)
+
+
 def probe(model, env_id: str, args, behaviour: str, adapt: bool) -> dict:
     """Episodes on test tasks acted by the learner's controller ('model') or the true-dynamics planner ('true')."""
     kwargs = {"task_split": "test"}
@@ -80,7 +85,7 @@ def probe(model, env_id: str, args, behaviour: str, adapt: bool) -> dict:
     returns = [float(r.reward.double().sum()) for r in rollouts]
     errors = open_loop_errors(model, rollouts, reward_fn, horizon=args.horizon, adapt=adapt)
     return {"behaviour": behaviour, "adapt": adapt, "mean_return": float(np.mean(returns)), "returns": returns,
-            "speed": float(np.mean([(r.next_obs[-1, 0] - r.obs[0, 0]).item() / (r.length * dt) for r in rollouts])),
+            "speed": float(np.mean([forward_speed(r.obs, r.next_obs, dt) for r in rollouts])),
             **{f"rank_{k}": v for k, v in policy.summary().items()}, **{f"ol_{k}": v for k, v in errors.items()},
             "seconds": seconds}
 

@@ -3,6 +3,7 @@ script works end to end, prints its machine line and writes its plot outside doc
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -22,6 +23,7 @@ def smoke_args(tmp: Path) -> dict[str, list[str]]:
         "callback_overhead": ["--quick"],
         "cg_fidelity": ["--quick", *plot],
         "env_steps": ["--quick", "--seconds", "0.05", *plot],
+        "gait": ["--quick"],
         "gpu_check": ["--device", "cpu", "--quick"],
         "integrity_cost": ["--quick"],
         "kernels": ["--quick", *plot],
@@ -155,3 +157,36 @@ def test_rl_returns_splits_returns_by_task(capsys):
     assert len(rows) == 2  # one task only (true): nothing to split
     assert rows[0][3:] == ["[0,1]", "20.0", "+-", "11.3", "3"]  # 1.96 * 10 / sqrt(3) = 11.3
     assert rows[1][3:] == ["[1,0]", "300.0", "+-", "0.0", "1"]
+
+
+def test_gait_figures_and_the_planner_controls(tmp_path):
+    """Gait figures against hand-made episodes; the upright objective in closed form; pinned joints never move."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from gait import gait, upright_objective
+
+    obs = torch.zeros(4, 18)
+    obs[:, 0] = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    next_obs = obs.clone()
+    next_obs[:, 0] += 1.0
+    next_obs[:, 2] = torch.tensor([0.5, 2.0, 3.1, -4.0])  # cos < 0 from the second step on
+    assert gait(obs, next_obs, dt=0.05) == {"speed": pytest.approx(4.0 / (4 * 0.05)), "upside_down": 0.75,
+                                            "first_flip": 1}
+    next_obs[:, 2] = 0.2
+    assert gait(obs, next_obs, dt=0.05)["first_flip"] == -1
+    base = lambda o, a, n: torch.ones(n.shape[:-1])  # noqa: E731
+    pitch = torch.zeros(3, 18)
+    pitch[:, 2] = torch.tensor([0.5, 1.5, -3.0])
+    assert upright_objective(base, 10.0)(pitch, None, pitch).tolist() == pytest.approx([1.0, -4.0, -19.0])
+
+    out = tmp_path / "gait.json"
+    run = subprocess.run([sys.executable, "benchmarks/gait.py", "--quick", "--pin", "bshin", "fthigh", "--upright", "5",
+                          "--json", str(out)], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+    (result,) = json.loads(out.read_text())
+    (episode,) = result["episodes"]
+    assert episode["task"] in ("bshin", "fshin") and result["pin"] == ["bshin", "fthigh"]
+    # MB-MPC does not adapt: the same K-step error before and after
+    assert result["pred_error_pre"] > 0.0 and result["pred_error_post"] == result["pred_error_pre"]
+    assert episode["action_rms"]["bshin"] == episode["action_rms"]["fthigh"] == 0.0
+    assert episode["action_rms"]["bthigh"] > 0.0
