@@ -167,13 +167,14 @@ def evaluate_learner(method: str, model, env_id: str, env_kwargs, past_window: i
 
 def print_by_task(results: dict) -> None:
     """Each arm's returns split by the episodes' task (their task vectors at the start; results written before
-    ``tasks`` was recorded, and pooled runs, are left out): where the mean hides one task's failure."""
+    ``tasks`` was recorded, and pooled runs, are left out; so are arms with one task, or a task per episode, as the
+    pier's sampled dampings: nothing to group): where the mean hides one task's failure."""
     rows = []
     for env, by_method in results.items():
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 tasks = r.get(arm, {}).get("tasks") if not r.get("runs") else None
-                if not tasks or len({tuple(t) for t in tasks}) < 2:
+                if not tasks or not 2 <= len({tuple(t) for t in tasks}) < len(tasks):
                     continue
                 returns = np.array(r[arm]["returns"])
                 for task in sorted({tuple(t) for t in tasks}):

@@ -151,10 +151,12 @@ def test_rl_returns_splits_returns_by_task(capsys):
     from rl_returns import print_by_task
 
     arm = {"returns": [10.0, 20.0, 300.0, 30.0], "tasks": [[0, 1], [0, 1], [1, 0], [0, 1]]}
-    print_by_task({"env": {"grbal": {"adapt": arm}, "true": {"no_adapt": {**arm, "tasks": [[0, 1]] * 4}}}})
+    every_episode_its_own = {**arm, "tasks": [[0.1, 1], [0.2, 1], [0.3, 1], [0.4, 1]]}  # sampled tasks (the pier)
+    print_by_task({"env": {"grbal": {"adapt": arm}, "true": {"no_adapt": {**arm, "tasks": [[0, 1]] * 4}},
+                           "mbmpc": {"no_adapt": every_episode_its_own}}})
     lines = capsys.readouterr().out.splitlines()
     rows = [line.split() for line in lines if line.startswith("env ") and "method" not in line]
-    assert len(rows) == 2  # one task only (true): nothing to split
+    assert len(rows) == 2  # one task only (true), or one per episode (mbmpc): nothing to group
     assert rows[0][3:] == ["[0,1]", "20.0", "+-", "11.3", "3"]  # 1.96 * 10 / sqrt(3) = 11.3
     assert rows[1][3:] == ["[1,0]", "300.0", "+-", "0.0", "1"]
 
