@@ -36,10 +36,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine_line  # noqa: E402
 from model_quality import forward_speed, load  # noqa: E402
+from rl_returns import json_dict  # noqa: E402
 
 from lit_meta.envs.half_cheetah import JOINTS  # noqa: E402
 from lit_meta.rl import MBMPC, MPCController, RolloutCollector, TrueDynamics  # noqa: E402
-from lit_meta.rl.control import ci95, env_reward_fns, prediction_errors  # noqa: E402
+from lit_meta.rl.control import check_mpc, ci95, env_reward_fns, prediction_errors  # noqa: E402
 
 ENV_ID = "lit_meta/HalfCheetahCrippledJoint-v0"
 MPC = {"planner": "mppi", "horizon": 10, "n_candidates": 500, "planner_kwargs": {"iterations": 3}}
@@ -111,13 +112,19 @@ def main() -> None:
     parser.add_argument("--no-adapt", action="store_true", help="adaptive learners: plan with the meta-learned weights")
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--episode-length", type=int, default=300)
-    parser.add_argument("--mpc", type=json.loads, default={}, help="planner settings over MPPI 500 x 10 x 3, as JSON")
+    parser.add_argument("--mpc", type=json_dict, default={}, help="planner settings over MPPI 500 x 10 x 3, as JSON")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true",
                         help="smoke: 1 episode of 40 steps (the K-step windows need 32), 50 candidates")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if {"adapt", "seed"} & set(args.mpc):
+        parser.error("--mpc: set adaptation with --no-adapt and the seed with --seed, not in --mpc")
+    try:
+        check_mpc({**MPC, **args.mpc}, where="--mpc")
+    except ValueError as err:
+        parser.error(str(err))
     if args.quick:
         args.episodes, args.episode_length, args.mpc = 1, 40, {**args.mpc, "n_candidates": 50}
     if args.threads:

@@ -192,3 +192,10 @@ def test_gait_figures_and_the_planner_controls(tmp_path):
     assert result["pred_error_pre"] > 0.0 and result["pred_error_post"] == result["pred_error_pre"]
     assert episode["action_rms"]["bshin"] == episode["action_rms"]["fthigh"] == 0.0
     assert episode["action_rms"]["bthigh"] > 0.0
+
+
+def test_gait_refuses_bad_planner_settings_before_any_episode():
+    for mpc, message in [('{"horizn": 5}', "did you mean 'horizon'"), ('{"seed": 3}', "with --seed"), ("x", "not JSON")]:
+        run = subprocess.run([sys.executable, "benchmarks/gait.py", "--quick", "--mpc", mpc], cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+        assert run.returncode == 2 and message in run.stderr, run.stderr[-2000:]
