@@ -40,7 +40,7 @@ from rl_returns import json_dict  # noqa: E402
 
 from lit_meta.envs.half_cheetah import JOINTS  # noqa: E402
 from lit_meta.rl import MBMPC, MPCController, RolloutCollector, TrueDynamics  # noqa: E402
-from lit_meta.rl.control import check_mpc, ci95, env_reward_fns, prediction_errors  # noqa: E402
+from lit_meta.rl.control import check_mpc, ci95, env_reward_fns, prediction_errors, return_stats  # noqa: E402
 
 ENV_ID = "lit_meta/HalfCheetahCrippledJoint-v0"
 MPC = {"planner": "mppi", "horizon": 10, "n_candidates": 500, "planner_kwargs": {"iterations": 3}}
@@ -88,11 +88,10 @@ def run(learner, args) -> tuple[list[dict], dict]:
         rollouts = collector.collect(controller, args.seed, 0, range(args.episodes), args.episode_length)
     finally:
         collector.close()
-    rows = []
-    for r in rollouts:
-        crippled = [JOINTS[i] for i in np.flatnonzero(r.task_vector[0].numpy() > 0.5)]
-        rows.append({"task": "+".join(crippled) or "none", "return": float(r.reward.double().sum()),
-                     **gait(r.obs, r.next_obs, dt),
+    stats, rows = return_stats(rollouts), []
+    for r, ret, task in zip(rollouts, stats["returns"], stats["tasks"]):
+        crippled = [JOINTS[i] for i in np.flatnonzero(np.asarray(task) > 0.5)]
+        rows.append({"task": "+".join(crippled) or "none", "return": ret, **gait(r.obs, r.next_obs, dt),
                      "action_rms": dict(zip(JOINTS, r.action.double().square().mean(0).sqrt().tolist()))})
     errors = {} if isinstance(learner, TrueDynamics) else prediction_errors(learner, rollouts, 16, 16)
     return rows, errors

@@ -174,10 +174,11 @@ def print_by_task(results: dict) -> None:
         for method, r in by_method.items():
             for arm in ("adapt", "no_adapt"):
                 tasks = r.get(arm, {}).get("tasks") if not r.get("runs") else None
-                if not tasks or not 2 <= len({tuple(t) for t in tasks}) < len(tasks):
+                distinct = sorted({tuple(t) for t in tasks or []})
+                if not 2 <= len(distinct) < len(tasks or []):
                     continue
                 returns = np.array(r[arm]["returns"])
-                for task in sorted({tuple(t) for t in tasks}):
+                for task in distinct:
                     x = returns[[tuple(t) == task for t in tasks]]
                     rows.append(f"{env:<22} {method:<15} {'yes' if arm == 'adapt' else 'no':<5} "
                                 f"{np.array2string(np.array(task), precision=2, separator=','):<30} "
