@@ -15,7 +15,12 @@ controls that separate the causes of a low return:
     python benchmarks/gait.py DIR/mbmpc_halfcheetah_crippled.ckpt --joints bshin --pin bshin
     python benchmarks/gait.py true --joints bshin                                          # the true dynamics
     python benchmarks/gait.py DIR/mbmpc_halfcheetah_crippled.ckpt --split train --upright 10
+    python benchmarks/gait.py DIR/mbmpc_halfcheetah_crippled.ckpt --training-data          # its collection rounds
     python benchmarks/gait.py --quick                                                      # smoke: untrained model
+
+``--training-data`` runs no episode: it reads the checkpoint's stored rollouts (the DataModule's buffer, saved with
+every checkpoint) and prints the same gait figures per collection round (round 0: the random rollouts), i.e. whether
+the data reach the states the controller is asked to plan from.
 
 Planner: MPPI 500 x 10, 3 iterations, warm start (the comparison's settings; ``--mpc`` JSON over them). Episodes
 use ``--seed`` (default 1234, as ``rl_returns.py``). Prints one table; ``--json`` also writes the figures.
@@ -30,6 +35,7 @@ import sys
 import time
 from pathlib import Path
 
+import gymnasium as gym
 import numpy as np
 import torch
 
@@ -61,6 +67,33 @@ def upright_objective(reward_fn, weight: float):
     def objective(obs, action, next_obs):
         return reward_fn(obs, action, next_obs) - weight * torch.relu(next_obs[..., 2].abs() - 1.0)
     return objective
+
+
+def training_data(path: str) -> list[dict]:
+    """The gait of a checkpoint's training data, one dict per collection round: ``round``, ``rollouts``, ``tasks``
+    (crippled joints, one per rollout), mean ``speed`` (m/s) and its per-rollout ``max_speed``, ``upside_down``."""
+    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    state, config = ckpt.get("RolloutDataModule"), ckpt.get("lit_meta_run", {}).get("config", {})
+    if not state or not state["buffer"]["data"]:
+        raise SystemExit(f"{path}: no stored rollouts (not a checkpoint of a RolloutDataModule run)")
+    init = config.get("data", {}).get("init_args", {})
+    first, per_round = init.get("initial_rollouts", 10), init.get("rollouts_per_round", 10)
+    env_id = init.get("env_id", ENV_ID)
+    if env_id != ENV_ID:
+        raise SystemExit(f"{path}: trained on {env_id}; the gait figures read HalfCheetah observations ({ENV_ID})")
+    data = state["buffer"]["data"]
+    dt = float(gym.make(ENV_ID).unwrapped.dt)
+    rounds: dict[int, list[dict]] = {}
+    for k in data["rollout"].unique().tolist():
+        rows = data["rollout"] == k
+        task = data["task_vector"][rows][0]
+        crippled = [JOINTS[i] for i in np.flatnonzero(task.numpy() > 0.5)]
+        r = 0 if k < first else 1 + (k - first) // per_round
+        rounds.setdefault(r, []).append({"task": "+".join(crippled) or "none",
+                                         **gait(data["obs"][rows], data["next_obs"][rows], dt)})
+    return [{"round": r, "rollouts": len(eps), "tasks": [e["task"] for e in eps],
+             "speed": float(np.mean([e["speed"] for e in eps])), "max_speed": max(e["speed"] for e in eps),
+             "upside_down": float(np.mean([e["upside_down"] for e in eps]))} for r, eps in sorted(rounds.items())]
 
 
 def run(learner, args) -> tuple[list[dict], dict]:
@@ -108,6 +141,8 @@ def main() -> None:
                         help="joints whose actions the planner holds at 0")
     parser.add_argument("--upright", type=float, default=0.0,
                         help="weight of the upright term in the planner's objective (per rad past 1 rad, per step)")
+    parser.add_argument("--training-data", action="store_true",
+                        help="no episodes: the gait of each checkpoint's stored collection rounds")
     parser.add_argument("--no-adapt", action="store_true", help="adaptive learners: plan with the meta-learned weights")
     parser.add_argument("--episodes", type=int, default=5)
     parser.add_argument("--episode-length", type=int, default=300)
@@ -131,6 +166,18 @@ def main() -> None:
     print(machine_line())
     if not args.checkpoints and not args.quick:
         parser.error("give a checkpoint (benchmarks/rl_returns.py --keep DIR writes them) or 'true'")
+    if args.training_data:
+        if not args.checkpoints or "true" in args.checkpoints:
+            parser.error("--training-data reads checkpoints (written by rl_returns.py --keep DIR), not 'true'")
+        results = [{"checkpoint": Path(p).name, "rounds": training_data(p)} for p in args.checkpoints]
+        print(f"\n{'checkpoint':<36} {'round':>5} {'rollouts':>8} {'m/s':>5} {'max m/s':>7} {'upside down':>11}  tasks")
+        for res in results:
+            for r in res["rounds"]:
+                print(f"{res['checkpoint']:<36} {r['round']:>5} {r['rollouts']:>8} {r['speed']:>5.2f} "
+                      f"{r['max_speed']:>7.2f} {r['upside_down']:>11.0%}  {' '.join(r['tasks'])}")
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     results = []
     for path in args.checkpoints or ["mbmpc_untrained"]:
         if path == "true":

@@ -194,6 +194,39 @@ def test_gait_figures_and_the_planner_controls(tmp_path):
     assert episode["action_rms"]["bthigh"] > 0.0
 
 
+def test_gait_of_the_training_data_per_collection_round(tmp_path):
+    """--training-data: per round (2 random rollouts, then rounds of 1) the speed and pitch of hand-made rollouts
+    stored the way a checkpoint stores them."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import torch
+    from gait import training_data
+    from lit_meta.rl.buffer import Rollout, RolloutBuffer
+
+    buffer, steps = RolloutBuffer(window=4), 10
+    for k, (speed, pitch, joint) in enumerate([(0.0, 0.0, 0), (1.0, 0.0, 3), (2.0, 3.2, 1), (3.0, -0.1, 5)]):
+        obs = torch.zeros(steps, 18)
+        obs[:, 0] = speed * 0.05 * torch.arange(steps)
+        next_obs = obs.clone()
+        next_obs[:, 0] += speed * 0.05
+        next_obs[:, 2] = pitch
+        task = torch.zeros(steps, 6)
+        task[:, joint] = 1.0
+        buffer.add([Rollout(obs, torch.zeros(steps, 6), next_obs, torch.zeros(steps), torch.zeros(steps, dtype=torch.bool),
+                            task, seed=k)])
+    path = tmp_path / "mbmpc.ckpt"
+    torch.save({"RolloutDataModule": {"buffer": buffer.state_dict()}, "lit_meta_run": {"config": {"data": {"init_args": {
+        "initial_rollouts": 2, "rollouts_per_round": 1, "env_id": "lit_meta/HalfCheetahCrippledJoint-v0"}}}}}, path)
+    rounds = training_data(str(path))
+    assert [r["round"] for r in rounds] == [0, 1, 2] and [r["rollouts"] for r in rounds] == [2, 1, 1]
+    assert [r["tasks"] for r in rounds] == [["bthigh", "fthigh"], ["bshin"], ["ffoot"]]
+    assert [r["speed"] for r in rounds] == pytest.approx([0.5, 2.0, 3.0])
+    assert [r["max_speed"] for r in rounds] == pytest.approx([1.0, 2.0, 3.0])
+    assert [r["upside_down"] for r in rounds] == [0.0, 1.0, 0.0]
+    torch.save({"state_dict": {}}, tmp_path / "bare.ckpt")
+    with pytest.raises(SystemExit, match="no stored rollouts"):
+        training_data(str(tmp_path / "bare.ckpt"))
+
+
 def test_gait_refuses_bad_planner_settings_before_any_episode():
     for mpc, message in [('{"horizn": 5}', "did you mean 'horizon'"), ('{"seed": 3}', "with --seed"), ("x", "not JSON")]:
         run = subprocess.run([sys.executable, "benchmarks/gait.py", "--quick", "--mpc", mpc], cwd=REPO,
