@@ -62,6 +62,11 @@ def gait(obs: torch.Tensor, next_obs: torch.Tensor, dt: float) -> dict:
             "first_flip": int(upside_down.nonzero()[0, 0]) if bool(upside_down.any()) else -1}
 
 
+def task_name(task) -> str:
+    """The crippled joints of a task vector, joined by '+' ("none": the intact cheetah)."""
+    return "+".join(JOINTS[i] for i in np.flatnonzero(np.asarray(task) > 0.5)) or "none"
+
+
 def upright_objective(reward_fn, weight: float):
     """The planner's objective: ``reward_fn`` minus ``weight * max(0, |pitch| - 1)`` per step (pitch in rad)."""
     def objective(obs, action, next_obs):
@@ -82,14 +87,14 @@ def training_data(path: str) -> list[dict]:
     if env_id != ENV_ID:
         raise SystemExit(f"{path}: trained on {env_id}; the gait figures read HalfCheetah observations ({ENV_ID})")
     data = state["buffer"]["data"]
-    dt = float(gym.make(ENV_ID).unwrapped.dt)
+    env = gym.make(ENV_ID)
+    dt = float(env.unwrapped.dt)
+    env.close()
     rounds: dict[int, list[dict]] = {}
     for k in data["rollout"].unique().tolist():
         rows = data["rollout"] == k
-        task = data["task_vector"][rows][0]
-        crippled = [JOINTS[i] for i in np.flatnonzero(task.numpy() > 0.5)]
         r = 0 if k < first else 1 + (k - first) // per_round
-        rounds.setdefault(r, []).append({"task": "+".join(crippled) or "none",
+        rounds.setdefault(r, []).append({"task": task_name(data["task_vector"][rows][0].numpy()),
                                          **gait(data["obs"][rows], data["next_obs"][rows], dt)})
     return [{"round": r, "rollouts": len(eps), "tasks": [e["task"] for e in eps],
              "speed": float(np.mean([e["speed"] for e in eps])), "max_speed": max(e["speed"] for e in eps),
@@ -123,8 +128,7 @@ def run(learner, args) -> tuple[list[dict], dict]:
         collector.close()
     stats, rows = return_stats(rollouts), []
     for r, ret, task in zip(rollouts, stats["returns"], stats["tasks"]):
-        crippled = [JOINTS[i] for i in np.flatnonzero(np.asarray(task) > 0.5)]
-        rows.append({"task": "+".join(crippled) or "none", "return": ret, **gait(r.obs, r.next_obs, dt),
+        rows.append({"task": task_name(task), "return": ret, **gait(r.obs, r.next_obs, dt),
                      "action_rms": dict(zip(JOINTS, r.action.double().square().mean(0).sqrt().tolist()))})
     errors = {} if isinstance(learner, TrueDynamics) else prediction_errors(learner, rollouts, 16, 16)
     return rows, errors
@@ -169,7 +173,7 @@ def main() -> None:
     if args.training_data:
         if not args.checkpoints or "true" in args.checkpoints:
             parser.error("--training-data reads checkpoints (written by rl_returns.py --keep DIR), not 'true'")
-        results = [{"checkpoint": Path(p).name, "rounds": training_data(p)} for p in args.checkpoints]
+        results = [{"checkpoint": p, "rounds": training_data(p)} for p in args.checkpoints]
         print(f"\n{'checkpoint':<36} {'round':>5} {'rollouts':>8} {'m/s':>5} {'max m/s':>7} {'upside down':>11}  tasks")
         for res in results:
             for r in res["rounds"]:
