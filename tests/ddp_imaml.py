@@ -16,6 +16,7 @@ import lightning as L
 import torch
 
 from lit_meta import IMAML, MLP, Conv4
+from lit_meta.cli import release_process_group
 from lit_meta.datamodules import OmniglotDataModule, SinusoidDataModule
 
 if __name__ == "__main__":
@@ -37,3 +38,4 @@ if __name__ == "__main__":
     trainer.fit(model, data)
     if trainer.global_rank == 0:
         torch.save({"initial": initial, "final": {k: v.detach().clone() for k, v in model.state_dict().items()}}, out)
+    release_process_group()  # as train.py does: gloo torn down at interpreter exit aborted now and then (SIGABRT)

@@ -17,6 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from lit_meta.datamodules import SinusoidDataModule  # noqa: E402
 from lit_meta.datamodules.rollouts import RolloutDataModule  # noqa: E402
+from lit_meta.cli import release_process_group  # noqa: E402
 
 
 def rollout_datamodule() -> RolloutDataModule:
@@ -64,3 +65,4 @@ if __name__ == "__main__":
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         enable_model_summary=False)
     trainer.fit(Recorder(out), data)
+    release_process_group()  # as train.py does: gloo torn down at interpreter exit aborted now and then (SIGABRT)

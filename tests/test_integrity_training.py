@@ -163,6 +163,7 @@ DDP_SCRIPT = textwrap.dedent('''
     from torch.utils.data import DataLoader
 
     from lit_meta import MAML, MLP, Episode
+    from lit_meta.cli import release_process_group
 
 
     def episode(bad, seed):
@@ -189,6 +190,7 @@ DDP_SCRIPT = textwrap.dedent('''
         trainer.fit(model, PerRank())
         torch.save({"initial": initial, "final": [p.detach().clone() for p in model.parameters()],
                     "steps": trainer.global_step}, f"{sys.argv[1]}/rank{trainer.global_rank}.pt")
+        release_process_group()  # as train.py does (gloo torn down at interpreter exit aborted now and then)
 ''')
 
 
