@@ -142,11 +142,12 @@ def run_summary(trainer: L.Trainer, subcommand: str, args: list[str]) -> str:
                      + (f" (best: {Path(best).name})" if best and best != last else ""))
     if trainer.log_dir:
         lines.append(f"  logs:        {trainer.log_dir}")
-    command = "python train.py {} " + " ".join(shlex.quote(a) for a in args)
+    # joined, not str.format-ted: the user's arguments may hold braces (a JSON value such as --model.init_args.mpc)
+    options = " ".join(shlex.quote(a) for a in args)
     if checkpoints and subcommand == "fit":
-        lines.append(f"  resume:      {command.format('fit')} --ckpt_path last")
+        lines.append(f"  resume:      python train.py fit {options} --ckpt_path last")
         best = paths[0][0] or paths[0][1]
-        lines.append(f"  test:        {command.format('test')} --ckpt_path {shlex.quote(best) if best else 'last'}")
+        lines.append(f"  test:        python train.py test {options} --ckpt_path {shlex.quote(best) if best else 'last'}")
     return "\n".join(lines)
 
 

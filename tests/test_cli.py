@@ -1,5 +1,6 @@
 """train.py's LightningCLI: every config runs, subcommands, user classes by import path, seeding."""
 
+import shlex
 import sys
 from pathlib import Path
 
@@ -174,3 +175,17 @@ def test_fit_ends_with_a_summary_of_metrics_checkpoints_and_commands(capsys, cap
     assert "a real warning" in messages
     assert not any("LeafSpec" in m or "overridden `on_after_batch_transfer`" in m for m in messages), messages
     assert "Seed set to" in caplog.text and "litlogger" not in caplog.text  # Lightning's info lines stay, the advert goes
+
+
+def test_the_summary_of_a_run_with_a_json_argument_quotes_it(tmp_path, capsys):
+    """Before: a fit given a JSON value (``--model.init_args.optimizer.init_args '{"lr": 0.01}'``, as the RL docs'
+    ``--model.init_args.mpc``) trained to the end, then its summary's ``str.format`` read the braces as a field
+    (KeyError) and train.py exited 1 after a successful run."""
+    config = str(REPO / "configs" / "imaml_sinusoid.yaml")
+    value = '{"lr": 0.01}'
+    main(["fit", "--config", config, "--trainer.max_steps", "1", "--trainer.limit_val_batches", "0",
+          "--trainer.default_root_dir", str(tmp_path), "--model.init_args.net.init_args.hidden", "[4]",
+          "--model.init_args.optimizer.init_args", value])
+    out = capsys.readouterr().out
+    assert f"resume:      python train.py fit --config {config}" in out
+    assert f"--model.init_args.optimizer.init_args {shlex.quote(value)} --ckpt_path last" in out
